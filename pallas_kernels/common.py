@@ -1,0 +1,115 @@
+"""Argument checking and normalisation shared by every attention path.
+
+Shape letters: B batch, T query length, S key/value length, N query heads,
+K key/value heads, H head dim, Hv value head dim.
+
+Every path (reference, blockwise XLA, GPU and TPU kernels) takes the same
+keyword arguments; :func:`prepare` validates them once and turns them into
+the static :class:`~pallas_kernels.masks.MaskSpec`, the per-example
+:class:`~pallas_kernels.masks.MaskData`, the scale and the dropout seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import dropout as dropout_lib
+from pallas_kernels import masks as masks_lib
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Static sizes of one attention call."""
+  B: int
+  T: int
+  S: int
+  N: int
+  K: int
+  H: int
+  Hv: int
+
+  @property
+  def groups(self) -> int:
+    """Query heads per key/value head (``N // K``)."""
+    return self.N // self.K
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """Everything a path needs besides q, k, v."""
+  problem: Problem
+  spec: masks_lib.MaskSpec
+  data: masks_lib.MaskData
+  scale: float
+  dropout_rate: float
+  seeds: Optional[jax.Array]  # (2,) int32, or None without dropout
+
+
+def check_qkv(q, k, v) -> Problem:
+  """Checks ``q (B, T, N, H)``, ``k (B, S, K, H)``, ``v (B, S, K, Hv)``."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"`{name}` must be an array; got {type(x).__name__}.")
+    if x.ndim != 4:
+      raise ValueError(
+          f"`{name}` must have rank 4 ({'(B, T, N, H)' if name == 'q' else '(B, S, K, H)'}); "
+          f"got shape {x.shape}.")
+    if not any(x.dtype == d for d in SUPPORTED_DTYPES):
+      raise TypeError(f"`{name}` must be float32, bfloat16 or float16; got "
+                      f"{x.dtype}.")
+  B, T, N, H = q.shape
+  Bk, S, K, Hk = k.shape
+  if k.shape[:3] != v.shape[:3]:
+    raise ValueError(
+        "`k` (B, S, K, H) and `v` (B, S, K, Hv) must agree on B, S and K; "
+        f"got k.shape={k.shape} and v.shape={v.shape}.")
+  if Bk != B:
+    raise ValueError(f"`q` and `k` must have the same batch size; got "
+                     f"q.shape={q.shape} and k.shape={k.shape}.")
+  if Hk != H:
+    raise ValueError(f"`q` and `k` must have the same head dim H; got "
+                     f"q.shape={q.shape} and k.shape={k.shape}.")
+  if K == 0 or N % K:
+    raise ValueError(
+        f"The query heads N must be a multiple of the key/value heads K "
+        f"(N % K == 0); got {N=} and {K=}.")
+  if min(B, T, S, N, H, v.shape[3]) == 0:
+    raise ValueError(f"Empty dimension: q.shape={q.shape}, k.shape={k.shape},"
+                     f" v.shape={v.shape}.")
+  return Problem(B=B, T=T, S=S, N=N, K=K, H=H, Hv=v.shape[3])
+
+
+def prepare(q, k, v, *, causal: bool = False, segment_ids: Any = None,
+            kv_lengths=None, q_lengths=None, sliding_window: Any = None,
+            mask=None, scale: Optional[float] = None,
+            dropout_rate: float = 0.0, dropout_rng=None) -> Prepared:
+  """Validates a call's arguments; see ``pallas_kernels.flash_attention``."""
+  problem = check_qkv(q, k, v)
+  spec = masks_lib.MaskSpec.from_args(causal=bool(causal),
+                                      sliding_window=sliding_window)
+  data = masks_lib.normalize_mask_data(
+      problem.B, problem.T, problem.S, problem.N, segment_ids=segment_ids,
+      q_lengths=q_lengths, kv_lengths=kv_lengths, mask=mask)
+  if scale is None:
+    scale = 1.0 / math.sqrt(problem.H)
+  scale = float(scale)
+  if not isinstance(dropout_rate, (int, float)):
+    raise TypeError(f"`dropout_rate` must be a Python float; got "
+                    f"{type(dropout_rate).__name__}.")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"`dropout_rate` must be in [0, 1); got {dropout_rate=}.")
+  seeds = None
+  if dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("`dropout_rate > 0` needs `dropout_rng` (a PRNG key); "
+                       f"got {dropout_rate=} and dropout_rng=None.")
+    seeds = dropout_lib.seed_words(dropout_rng)
+  return Prepared(problem=problem, spec=spec, data=data, scale=scale,
+                  dropout_rate=float(dropout_rate), seeds=seeds)

@@ -1,0 +1,104 @@
+"""The reference against an independent, naive NumPy attention, and the suite
+run on the reference itself (its self-consistency: gradients finite, empty
+rows zero, dropout bits)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.shapes import AttentionShape
+from pallas_kernels import dropout as dropout_lib
+from pallas_kernels import reference
+from tests.conformance import AttentionConformance, Case, make_inputs
+
+
+class TestReference(AttentionConformance):
+
+  def attention(self, q, k, v, **kw):
+    return reference.attention(q, k, v, **kw)
+
+
+def _naive(q, k, v, allowed, scale):
+  """Loops over (b, n), NumPy softmax, GQA by head index."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  B, T, N, _ = q.shape
+  K = k.shape[2]
+  out = np.zeros((B, T, N, v.shape[-1]))
+  for b in range(B):
+    for n in range(N):
+      kn = n // (N // K)
+      s = q[b, :, n] @ k[b, :, kn].T * scale
+      s = np.where(allowed[b, n], s, -np.inf)
+      with np.errstate(invalid="ignore"):
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = p / p.sum(-1, keepdims=True)
+      p = np.nan_to_num(p)  # empty rows -> zero
+      out[b, :, n] = p @ v[b, :, kn]
+  return out
+
+
+def test_reference_equals_naive_numpy():
+  shape = AttentionShape(B=2, T=9, S=13, N=4, K=2, H=16, Hv=8)
+  q, k, v, kw = make_inputs(Case(shape, "all"))
+  B, T, S, N = 2, 9, 13, 4
+  allowed = np.ones((B, N, T, S), bool)
+  i, j = np.arange(T)[:, None], np.arange(S)[None, :]
+  allowed &= (j <= i)
+  q_ids, kv_ids = kw["segment_ids"]
+  allowed &= np.asarray(q_ids)[:, None, :, None] == np.asarray(
+      kv_ids)[:, None, None, :]
+  allowed &= j[None, None] < np.asarray(kw["kv_lengths"])[:, None, None, None]
+  allowed &= np.asarray(kw["mask"])
+  got = reference.attention(q, k, v, **kw)
+  np.testing.assert_allclose(got, _naive(q, k, v, allowed, 16**-0.5),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_is_keras_band():
+  shape = AttentionShape(B=1, T=6, S=6, N=1, K=1, H=8)
+  q, k, v, _ = make_inputs(Case(shape))
+  i, j = np.arange(6)[:, None], np.arange(6)[None, :]
+  allowed = np.broadcast_to(np.abs(i - j) < 3, (1, 1, 6, 6))
+  np.testing.assert_allclose(reference.attention(q, k, v, sliding_window=3),
+                             _naive(q, k, v, allowed, 8**-0.5), atol=1e-5)
+
+
+def test_dropout_keep_rate_and_rescaling():
+  seeds = dropout_lib.seed_words(jax.random.key(3))
+  keep = dropout_lib.keep_mask_block(seeds, 0.3, 2, 2, 64, 64)
+  assert abs(float(keep.mean()) - 0.7) < 0.01
+  # Rows and heads are not copies of each other.
+  assert not np.array_equal(keep[0, 0, 0], keep[0, 0, 1])
+  assert not np.array_equal(keep[0, 0], keep[0, 1])
+  assert not np.array_equal(keep[0], keep[1])
+  # With uniform attention, E[out] = mean(v): the rescaling by 1/(1-p).
+  q = jnp.zeros((1, 256, 1, 8))
+  v = jax.random.normal(jax.random.key(0), (1, 256, 1, 8))
+  out = reference.attention(q, q, v, dropout_rate=0.3,
+                            dropout_rng=jax.random.key(1))
+  np.testing.assert_allclose(out.mean(axis=1), v.mean(axis=1), atol=0.03)
+
+
+def test_dropout_bits_are_the_uint32_murmur_chain():
+  """The int32 hash equals the same chain written in NumPy uint32."""
+  def fmix(h):
+    h = np.uint32(h)
+    h ^= h >> np.uint32(16)
+    h = np.uint32((int(h) * 0x85EBCA6B) & 0xFFFFFFFF)
+    h ^= h >> np.uint32(13)
+    h = np.uint32((int(h) * 0xC2B2AE35) & 0xFFFFFFFF)
+    h ^= h >> np.uint32(16)
+    return h
+  s0, s1 = 12345, 0xDEADBEEF
+  seeds = jnp.array([s0, s1], jnp.uint32).view(jnp.int32)
+  b, n, i, j = 3, 5, 77, 1001
+  m = lambda a, c: (a * c) & 0xFFFFFFFF
+  h = fmix(s0 ^ m(b, 0x9E3779B9))
+  h = fmix(int(h) ^ ((n + s1) & 0xFFFFFFFF))
+  h = fmix((int(h) + m(i, 0x9E3779B9)) & 0xFFFFFFFF)
+  h = fmix(int(h) ^ m(j, 0x27D4EB2F))
+  h = fmix((int(h) + s1) & 0xFFFFFFFF)
+  expected = int(h) >> 1
+  h_row = dropout_lib.row_hash(seeds, jnp.int32(b), jnp.int32(n), jnp.int32(i))
+  got = dropout_lib.bits_from_row(h_row, jnp.int32(j), seeds[1])
+  assert int(got) == expected
