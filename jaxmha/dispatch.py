@@ -1,0 +1,187 @@
+"""Which attention path serves a call, and why the others refused.
+
+Shape letters: B batch (flattened ``B*``), T query length, S key/value
+length, N query heads, K key/value heads, H head dim, Hv value head dim.
+
+Paths, tried in order; each either serves the call or refuses with a
+``NotImplementedError(reason)``:
+
+1. ``flash``: the Pallas kernel of the platform (``pallas_kernels``: TPU
+   Mosaic, GPU Triton). On CPU only when forced (``flash_attention=True``),
+   then in interpret mode, for testing.
+2. ``xla_blockwise``: online softmax over key blocks in plain JAX
+   (``pallas_kernels.blockwise``); memory linear in the sequence length.
+   The CPU default for long sequences, the fallback on GPU/TPU.
+3. ``xla``: the fused XLA path; materialises ``(B, N, T, S)`` scores. The
+   only path that returns attention scores; serves every call.
+
+Nothing is swallowed: a refusal is recorded, and re-raised when the user
+forced that path. :func:`jaxmha.explain` shows the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+from jaxmha import config as config_lib
+from pallas_kernels import api as kernel_api
+from pallas_kernels import common
+from pallas_kernels import reference
+
+# The blockwise path is the CPU default when max(T, S) reaches this length:
+# below it the fused path's single large matmul wins on this kind of CPU
+# (benchmarks/attention_core.py measures both).
+BLOCKWISE_MIN_LENGTH = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One attention call in the ``(B*, T, N, H)`` layout."""
+  q: jax.Array  # (B, T, N, H)
+  k: jax.Array  # (B, S, K, H)
+  v: jax.Array  # (B, S, K, Hv)
+  prep: common.Prepared
+  need_probs: bool
+  flash: Optional[bool]  # the layer's or the global preference
+  platform: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+  """Which path serves a call and why each other path refused.
+
+  Attributes:
+    path: the name of the serving path.
+    refusals: ``{path name: reason}`` for every path tried before it.
+  """
+  path: str
+  refusals: dict
+
+  def __str__(self) -> str:
+    lines = [f"path: {self.path}"]
+    lines += [f"  {name} refused: {why}" for name, why in
+              self.refusals.items()]
+    return "\n".join(lines)
+
+
+def effective_flash_preference(layer_setting: Optional[bool]) -> Optional[bool]:
+  """The layer's setting wins; None defers to the global switch."""
+  if layer_setting is not None:
+    return layer_setting
+  return config_lib.is_flash_attention_enabled()
+
+
+def _kernel_target(platform: str) -> Optional[str]:
+  if platform == "tpu":
+    return "tpu"
+  if platform in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  return None
+
+
+class FlashPath:
+  name = "flash"
+
+  def _target(self, req: Request):
+    target = _kernel_target(req.platform)
+    if target is not None:
+      return target, False
+    return "gpu", True  # forced on CPU: interpret the GPU kernel
+
+  def check(self, req: Request) -> None:
+    if req.flash is False:
+      raise NotImplementedError("flash_attention=False")
+    if req.need_probs:
+      raise NotImplementedError(
+          "return_attention_scores=True needs the (B, N, T, S) scores, which "
+          "flash kernels never materialise")
+    if _kernel_target(req.platform) is None and req.flash is not True:
+      raise NotImplementedError(
+          f"no flash kernel for platform {req.platform!r} (set "
+          "flash_attention=True to run one in interpret mode)")
+    target, interpret = self._target(req)
+    module = kernel_api.target_module(target)
+    # Trace only: kernels raise NotImplementedError for calls they cannot
+    # serve (e.g. an unsupported head dim) while tracing.
+    jax.eval_shape(
+        lambda q, k, v: module.attention(q, k, v, req.prep,
+                                         interpret=interpret),
+        req.q, req.k, req.v)
+
+  def run(self, req: Request):
+    target, interpret = self._target(req)
+    module = kernel_api.target_module(target)
+    out, _ = module.attention(req.q, req.k, req.v, req.prep,
+                              interpret=interpret)
+    return out, None
+
+
+class BlockwisePath:
+  name = "xla_blockwise"
+
+  def check(self, req: Request) -> None:
+    if req.need_probs:
+      raise NotImplementedError(
+          "return_attention_scores=True needs the (B, N, T, S) scores, which "
+          "the blockwise path never materialises")
+    p = req.prep.problem
+    if max(p.T, p.S) < BLOCKWISE_MIN_LENGTH:
+      raise NotImplementedError(
+          f"short sequences (T={p.T}, S={p.S} < {BLOCKWISE_MIN_LENGTH}): the "
+          "fused XLA path is faster")
+
+  def run(self, req: Request):
+    from pallas_kernels import blockwise  # pylint: disable=g-import-not-at-top
+    out, _ = blockwise.attention(req.q, req.k, req.v, req.prep)
+    return out, None
+
+
+class FusedXlaPath:
+  name = "xla"
+
+  def check(self, req: Request) -> None:
+    del req
+
+  def run(self, req: Request):
+    if req.need_probs:
+      out, _, probs = reference.attention_core(
+          req.q, req.k, req.v, req.prep, precision=None, return_probs=True)
+      return out, probs
+    out, _ = reference.attention_core(req.q, req.k, req.v, req.prep,
+                                      precision=None)
+    return out, None
+
+
+PATHS = (FlashPath(), BlockwisePath(), FusedXlaPath())
+
+
+def choose(req: Request) -> tuple[object, Explanation]:
+  """The first path that accepts ``req``.
+
+  Raises:
+    NotImplementedError: the user forced flash (``flash_attention=True``)
+      and the flash path refused; the message says why.
+  """
+  refusals = {}
+  for path in PATHS:
+    try:
+      path.check(req)
+    except NotImplementedError as e:
+      if path.name == "flash" and req.flash is True:
+        raise NotImplementedError(
+            f"flash_attention=True, but the flash path cannot serve this "
+            f"call: {e}") from e
+      refusals[path.name] = str(e)
+      continue
+    return path, Explanation(path=path.name, refusals=refusals)
+  raise AssertionError("the fused XLA path serves every call")
+
+
+def attend(req: Request):
+  """Runs the chosen path: ``(out (B, T, N, Hv), probs or None, name)``."""
+  path, explanation = choose(req)
+  out, probs = path.run(req)
+  return out, probs, explanation.path
