@@ -1,0 +1,226 @@
+"""Keras equivalence: the product test. Keras 3 on the JAX backend is the
+ground truth; weights are copied across and outputs, scores and gradients
+compared at fp32 tolerance over the whole argument space."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmha
+from tests.keras_reference import (keras_call, keras_grads, make_keras_layer)
+from tests.tolerances import KERAS
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityCase:
+  """One Keras configuration and call."""
+  name: str
+  layer: tuple = ()  # MHA kwargs as (name, value) pairs
+  q_shape: tuple = (2, 6, 16)
+  v_shape: Optional[tuple] = None  # default: self-attention
+  k_shape: Optional[tuple] = None
+  masks: tuple = ()  # which masks to draw: attention, attention4, heads4,
+  #                   attention2, query, value, key, empty_row
+  causal: bool = False
+
+  @property
+  def kwargs(self) -> dict:
+    return dict(self.layer)
+
+
+def _case(name, **kw):
+  layer = kw.pop("layer", {})
+  return ParityCase(name=name, layer=tuple(sorted(layer.items())), **kw)
+
+
+BASE = dict(num_heads=3, key_dim=5)
+CASES = [
+    _case("self", layer=BASE),
+    _case("cross_T_ne_S", layer=BASE, q_shape=(2, 5, 16), v_shape=(2, 9, 12)),
+    _case("key_own_features", layer=BASE, q_shape=(2, 5, 16),
+          v_shape=(2, 9, 12), k_shape=(2, 9, 7)),
+    _case("value_dim", layer=dict(BASE, value_dim=7)),
+    _case("output_shape_int", layer=dict(BASE, output_shape=11)),
+    _case("output_shape_tuple", layer=dict(BASE, value_dim=4,
+                                           output_shape=(2, 3))),
+    _case("no_bias", layer=dict(BASE, use_bias=False)),
+    _case("gate", layer=dict(BASE, use_gate=True, value_dim=6)),
+    _case("sliding_window", layer=dict(BASE, sliding_window=2)),
+    _case("causal_window", layer=dict(BASE, sliding_window=3), causal=True),
+    _case("causal", layer=BASE, causal=True),
+    _case("causal_T_lt_S", layer=BASE, q_shape=(2, 4, 16),
+          v_shape=(2, 7, 16), causal=True),
+    _case("causal_T_gt_S", layer=BASE, q_shape=(2, 7, 16),
+          v_shape=(2, 4, 16), causal=True),
+    _case("attention_mask", layer=BASE, masks=("attention",)),
+    _case("attention_mask_2d", layer=BASE, masks=("attention2",)),
+    _case("attention_mask_heads", layer=BASE, masks=("heads4",)),
+    _case("attention_mask_4d_with_padding", layer=BASE,
+          masks=("attention4", "value", "query")),
+    _case("value_mask", layer=BASE, q_shape=(2, 5, 16), v_shape=(2, 8, 16),
+          masks=("value",)),
+    _case("key_mask_without_key", layer=BASE, masks=("key",)),
+    _case("query_mask", layer=BASE, masks=("query",)),
+    _case("all_masks_causal", layer=dict(BASE, sliding_window=4),
+          q_shape=(2, 6, 16), v_shape=(2, 6, 10), k_shape=(2, 6, 8),
+          masks=("attention", "query", "value", "key"), causal=True),
+    _case("fully_masked_rows", layer=BASE, masks=("attention", "empty_row")),
+    _case("batch1_T1", layer=BASE, q_shape=(1, 1, 16), v_shape=(1, 5, 16)),
+    _case("rank4_two_axes", layer=dict(BASE, attention_axes=(1, 2)),
+          q_shape=(2, 3, 4, 8)),
+    _case("rank4_last_axis", layer=dict(BASE, attention_axes=(2,)),
+          q_shape=(2, 3, 4, 8), v_shape=(2, 3, 6, 8)),
+    _case("rank4_negative_axis", layer=dict(BASE, attention_axes=(-2,)),
+          q_shape=(2, 3, 4, 8)),
+    _case("rank4_default_axes", layer=BASE, q_shape=(2, 3, 4, 8),
+          v_shape=(2, 2, 5, 8)),
+    _case("rank5_axes_1_3", layer=dict(BASE, attention_axes=(1, 3)),
+          q_shape=(2, 2, 3, 4, 8), masks=("attention",)),
+    _case("rank4_mask", layer=dict(BASE, attention_axes=(1, 2)),
+          q_shape=(2, 3, 4, 8), masks=("attention",)),
+]
+
+
+def _inputs(case: ParityCase, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=case.q_shape).astype(np.float32)
+  v = q if case.v_shape is None else rng.normal(size=case.v_shape).astype(
+      np.float32)
+  k = None if case.k_shape is None else rng.normal(size=case.k_shape).astype(
+      np.float32)
+  B, T, S = q.shape[0], q.shape[1], v.shape[1]
+  N = case.kwargs["num_heads"]
+  masks: dict[str, Any] = {}
+  axes = case.kwargs.get("attention_axes")
+  if "attention" in case.masks:
+    if len(case.q_shape) == 3:
+      masks["attention_mask"] = rng.random((B, T, S)) > 0.3
+    else:  # Keras's multi-axis mask: (B, *other, *attn_T, *attn_S)
+      rank = len(case.q_shape)
+      ax = tuple(a % rank for a in axes)
+      other = [d for i, d in enumerate(q.shape[1:-1], 1) if i not in ax]
+      shape = ((B,) + tuple(other) + tuple(q.shape[a] for a in ax)
+               + tuple(v.shape[a] for a in ax))
+      masks["attention_mask"] = rng.random(shape) > 0.3
+  if "attention2" in case.masks:
+    masks["attention_mask"] = rng.random((T, S)) > 0.3
+  if "attention4" in case.masks:
+    masks["attention_mask"] = rng.random((B, 1, T, S)) > 0.3
+  if "heads4" in case.masks:
+    masks["attention_mask"] = rng.random((B, N, T, S)) > 0.3
+  if "empty_row" in case.masks:
+    masks["attention_mask"][:, T // 2, :] = False
+  if "query" in case.masks:
+    masks["query_mask"] = rng.random((B, T)) > 0.25
+  if "value" in case.masks:
+    masks["value_mask"] = (rng.random((B, S)) > 0.25)
+  if "key" in case.masks:
+    masks["key_mask"] = (rng.random((B, S)) > 0.25)
+  return q, v, k, masks
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_outputs_and_scores_match_keras(case: ParityCase):
+  q, v, k, masks = _inputs(case)
+  layer, cfg, params = make_keras_layer(q, v, k, **case.kwargs)
+  expected_out, expected_scores = keras_call(
+      layer, q, v, k, use_causal_mask=case.causal, **masks)
+  out, scores = jaxmha.apply(params, cfg, q, v, k,
+                             use_causal_mask=case.causal,
+                             return_attention_scores=True, **masks)
+  assert out.shape == expected_out.shape
+  assert scores.shape == expected_scores.shape
+  np.testing.assert_allclose(out, expected_out, **KERAS)
+  np.testing.assert_allclose(scores, expected_scores, **KERAS)
+  # The output without scores (the path users take by default) agrees too.
+  out_only = jaxmha.apply(params, cfg, q, v, k, use_causal_mask=case.causal,
+                          **masks)
+  np.testing.assert_allclose(out_only, expected_out, **KERAS)
+
+
+GRAD_CASES = [c for c in CASES if c.name in (
+    "self", "key_own_features", "gate", "output_shape_tuple",
+    "all_masks_causal", "fully_masked_rows", "rank4_two_axes", "no_bias")]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.name for c in GRAD_CASES])
+def test_gradients_match_keras(case: ParityCase):
+  q, v, k, masks = _inputs(case, seed=1)
+  layer, cfg, params = make_keras_layer(q, v, k, **case.kwargs)
+  out_shape = jaxmha.apply(params, cfg, q, v, k).shape
+  cotangent = np.random.default_rng(5).normal(size=out_shape).astype(
+      np.float32)
+  keras_masks = dict(masks)
+  if "query_mask" in keras_masks:  # fold as Keras would see it
+    qm = keras_masks.pop("query_mask")[:, :, None]
+    am = keras_masks.get("attention_mask")
+    keras_masks["attention_mask"] = qm if am is None else am & qm
+  expected_params, expected_inputs = keras_grads(
+      layer, q, v, k, cotangent, use_causal_mask=case.causal, **keras_masks)
+
+  def loss(params, *inputs):
+    key = inputs[2] if len(inputs) > 2 else None
+    out = jaxmha.apply(params, cfg, inputs[0], inputs[1], key,
+                       use_causal_mask=case.causal, **masks)
+    return jnp.sum(out * cotangent)
+
+  inputs = (q, v) if k is None else (q, v, k)
+  grads = jax.grad(loss, argnums=tuple(range(len(inputs) + 1)))(
+      params, *inputs)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4,
+                                                       rtol=1e-4),
+               grads[0], expected_params)
+  for g, e in zip(grads[1:], expected_inputs):
+    np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_from_keras_to_keras_round_trip():
+  q = np.random.default_rng(0).normal(size=(2, 5, 12)).astype(np.float32)
+  layer, cfg, params = make_keras_layer(q, q, num_heads=2, key_dim=3,
+                                        value_dim=4, use_gate=True,
+                                        output_shape=(2, 5))
+  # A new layer from (cfg, params) computes what the original does.
+  new_layer = jaxmha.to_keras(params, cfg)
+  np.testing.assert_allclose(new_layer(q, q, return_attention_scores=True)[0],
+                             layer(q, q, return_attention_scores=True)[0],
+                             **KERAS)
+  cfg2, params2 = jaxmha.from_keras(new_layer)
+  assert cfg2 == cfg
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+  # Copying into an existing layer overwrites its weights.
+  other, _, _ = make_keras_layer(q, q, num_heads=2, key_dim=3, value_dim=4,
+                                 use_gate=True, output_shape=(2, 5))
+  jaxmha.to_keras(params, cfg, other)
+  np.testing.assert_allclose(other(q, q, return_attention_scores=True)[0],
+                             layer(q, q, return_attention_scores=True)[0],
+                             **KERAS)
+
+
+def test_to_keras_rejects_mismatched_params():
+  q = np.ones((1, 3, 8), np.float32)
+  _, cfg, params = make_keras_layer(q, q, num_heads=2, key_dim=3)
+  wrong = jax.tree.map(lambda x: x, params)
+  wrong["query"]["kernel"] = np.ones((8, 2, 4), np.float32)
+  import keras  # pylint: disable=g-import-not-at-top
+  target = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3)
+  target(q, q)
+  with pytest.raises(ValueError, match=r"params\['query'\]\['kernel'\]"):
+    jaxmha.to_keras(wrong, cfg, target)
+
+
+def test_flash_forced_matches_keras_in_interpret_mode():
+  """``flash_attention=True`` on CPU runs a kernel in interpret mode."""
+  pytest.importorskip("pallas_kernels.gpu_triton")
+  case = next(c for c in CASES if c.name == "all_masks_causal")
+  q, v, k, masks = _inputs(case)
+  layer, cfg, params = make_keras_layer(q, v, k, **case.kwargs)
+  expected_out, _ = keras_call(layer, q, v, k, use_causal_mask=True, **masks)
+  out = jaxmha.apply(params, cfg.replace(flash_attention=True), q, v, k,
+                     use_causal_mask=True, **masks)
+  np.testing.assert_allclose(out, expected_out, **KERAS)
