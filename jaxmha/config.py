@@ -61,6 +61,7 @@ def _check_positive_int(name: str, value, allow_none: bool = False):
 def _normalize_output_shape(output_shape):
   if output_shape is None:
     return None
+  original = output_shape
   if _is_int(output_shape):
     output_shape = (int(output_shape),)
   try:
@@ -72,7 +73,7 @@ def _normalize_output_shape(output_shape):
   if not output_shape or any(not _is_int(d) or d <= 0 for d in output_shape):
     raise ValueError(
         "`output_shape` must be None, a positive int or a non-empty tuple of "
-        f"positive ints. Received: output_shape={output_shape!r}")
+        f"positive ints. Received: output_shape={original!r}")
   return tuple(int(d) for d in output_shape)
 
 

@@ -1,0 +1,352 @@
+"""The functional API and the Flax module: semantics, dropout, transforms,
+errors, and property tests against an independent NumPy MHA."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmha
+from tests.keras_reference import naive_mha
+from tests.tolerances import KERAS
+
+
+def _setup(cfg=None, B=2, T=6, S=6, D=16, seed=0):
+  cfg = cfg or jaxmha.MHAConfig(num_heads=2, key_dim=8, dropout=0.3)
+  rng_p, rng_q, rng_v = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(rng_q, (B, T, D))
+  v = jax.random.normal(rng_v, (B, S, D))
+  params = jaxmha.init_params(rng_p, cfg, q.shape, v.shape)
+  return cfg, params, q, v
+
+
+# -- semantics ---------------------------------------------------------------
+
+
+def test_fully_masked_query_rows_give_output_bias_and_finite_grads():
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8))
+  params["attention_output"]["bias"] = jnp.arange(16.0)
+  query_mask = jnp.ones((2, 6), bool).at[0, 2].set(False)
+  value_mask = jnp.ones((2, 6), bool).at[1].set(False)  # example 1: no keys
+  kw = dict(query_mask=query_mask, value_mask=value_mask)
+  out, scores = jaxmha.apply(params, cfg, q, v, return_attention_scores=True,
+                             **kw)
+  np.testing.assert_allclose(out[0, 2], jnp.arange(16.0), atol=1e-6)
+  np.testing.assert_allclose(out[1], jnp.broadcast_to(jnp.arange(16.0),
+                                                      (6, 16)), atol=1e-6)
+  np.testing.assert_array_equal(scores[1], 0.0)
+  # The path without scores agrees (Keras's fused path would average).
+  np.testing.assert_allclose(jaxmha.apply(params, cfg, q, v, **kw), out,
+                             atol=1e-6)
+  grads = jax.grad(lambda p, q, v: jaxmha.apply(p, cfg, q, v, **kw).sum(),
+                   (0, 1, 2))(params, q, v)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_query_mask_is_applied():
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8))
+  query_mask = jnp.ones((2, 6), bool).at[:, 0].set(False)
+  masked = jaxmha.apply(params, cfg, q, v, query_mask=query_mask)
+  plain = jaxmha.apply(params, cfg, q, v)
+  assert not np.allclose(masked[:, 0], plain[:, 0])
+  np.testing.assert_allclose(masked[:, 1:], plain[:, 1:], atol=1e-6)
+
+
+def test_numeric_masks_are_cast_like_keras():
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8))
+  mask = np.random.default_rng(0).random((2, 6, 6)) > 0.4
+  np.testing.assert_allclose(
+      jaxmha.apply(params, cfg, q, v, attention_mask=mask.astype(np.float32)),
+      jaxmha.apply(params, cfg, q, v, attention_mask=mask), atol=1e-6)
+
+
+# -- dropout -----------------------------------------------------------------
+
+
+def test_dropout_same_key_same_output_other_key_differs():
+  cfg, params, q, v = _setup()
+  run = lambda rng: jaxmha.apply(params, cfg, q, v, training=True,
+                                 dropout_rng=rng)
+  a, b = run(jax.random.key(1)), run(jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, run(jax.random.key(2)))
+  # Raw uint32 keys work too, and give the same bits as the typed key.
+  np.testing.assert_array_equal(run(jax.random.PRNGKey(1)), a)
+
+
+def test_no_dropout_when_not_training():
+  cfg, params, q, v = _setup()
+  plain = jaxmha.apply(params, cfg.replace(dropout=0.0), q, v)
+  np.testing.assert_array_equal(
+      jaxmha.apply(params, cfg, q, v, training=False,
+                   dropout_rng=jax.random.key(0)), plain)
+
+
+def test_dropout_keep_rate_and_rescaling():
+  """E[dropped output] equals the output without dropout (1/(1-p) scale)."""
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8,
+                                              dropout=0.3), T=16, S=16)
+  rngs = jax.random.split(jax.random.key(0), 256)
+  outs = jax.vmap(lambda r: jaxmha.apply(params, cfg, q, v, training=True,
+                                         dropout_rng=r))(rngs)
+  plain = jaxmha.apply(params, cfg, q, v)
+  np.testing.assert_allclose(outs.mean(0), plain, atol=0.06)
+  # The keep rate, read off the attention weights of a value = identity.
+  from pallas_kernels import dropout as dropout_lib
+  keep = dropout_lib.keep_mask_block(dropout_lib.seed_words(rngs[0]), 0.3,
+                                     2, 2, 16, 16)
+  assert abs(float(keep.mean()) - 0.7) < 0.03
+
+
+def test_training_with_dropout_needs_a_key():
+  cfg, params, q, v = _setup()
+  with pytest.raises(ValueError, match="dropout_rng"):
+    jaxmha.apply(params, cfg, q, v, training=True)
+
+
+# -- transforms ----------------------------------------------------------------
+
+
+def test_jit_grad_and_vmap_over_params():
+  cfg = jaxmha.MHAConfig(num_heads=2, key_dim=4)
+  q = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  rngs = jax.random.split(jax.random.key(1), 4)
+  ensemble = jax.vmap(lambda r: jaxmha.init_params(r, cfg, q.shape,
+                                                   q.shape))(rngs)
+  fn = jax.jit(jax.vmap(lambda p: jaxmha.apply(p, cfg, q, q,
+                                               use_causal_mask=True)))
+  stacked = fn(ensemble)
+  for i in range(4):
+    member = jax.tree.map(lambda x: x[i], ensemble)
+    np.testing.assert_allclose(
+        stacked[i], jaxmha.apply(member, cfg, q, q, use_causal_mask=True),
+        atol=1e-6)
+  grads = jax.jit(jax.grad(lambda p: jaxmha.apply(p, cfg, q, q).sum()))(
+      jax.tree.map(lambda x: x[0], ensemble))
+  assert jax.tree.structure(grads) == jax.tree.structure(
+      jax.tree.map(lambda x: x[0], ensemble))
+
+
+def test_linen_module_equals_functional():
+  layer = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, value_dim=3,
+                                    use_gate=True, output_shape=(2, 3))
+  q = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  v = jax.random.normal(jax.random.key(1), (2, 7, 6))
+  variables = layer.init(jax.random.key(2), q, v)
+  params = variables["params"]
+  expected = jax.tree.map(jnp.shape, jaxmha.init_params(
+      jax.random.key(0), layer.config, q.shape, v.shape))
+  assert jax.tree.map(jnp.shape, params) == expected
+  mask = jnp.tril(jnp.ones((5, 7), bool))
+  out, scores = layer.apply(variables, q, v, attention_mask=mask,
+                            return_attention_scores=True)
+  f_out, f_scores = jaxmha.apply(params, layer.config, q, v,
+                                 attention_mask=mask,
+                                 return_attention_scores=True)
+  np.testing.assert_array_equal(out, f_out)
+  np.testing.assert_array_equal(scores, f_scores)
+
+
+def test_linen_dropout_rng_stream_and_missing_key():
+  layer = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.5)
+  x = jax.random.normal(jax.random.key(0), (1, 6, 8))
+  variables = layer.init(jax.random.key(0), x, x)
+  run = lambda r: layer.apply(variables, x, x, training=True,
+                              rngs={"dropout": r})
+  np.testing.assert_array_equal(run(jax.random.key(3)), run(jax.random.key(3)))
+  assert not np.allclose(run(jax.random.key(3)), run(jax.random.key(4)))
+  with pytest.raises(ValueError, match="dropout"):
+    layer.apply(variables, x, x, training=True)
+
+
+def test_linen_dtype_and_param_dtype():
+  layer = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4,
+                                    dtype=jnp.bfloat16,
+                                    param_dtype=jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (1, 6, 8))
+  variables = layer.init(jax.random.key(0), x, x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  out = layer.apply(variables, x, x)
+  assert out.dtype == jnp.bfloat16
+  ref = jaxmha.apply(variables["params"], layer.config, x, x)
+  np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2)
+
+
+def test_module_inside_a_model_trains():
+  """The module composes with flax and optax in a jitted step."""
+  import optax
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x, training=False):
+      x = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.1)(
+          x, x, use_causal_mask=True, training=training)
+      return nn.Dense(1)(x)
+
+  model = Model()
+  x = jax.random.normal(jax.random.key(0), (4, 6, 8))
+  y = jnp.cumsum(x[..., :1], axis=1)
+  params = model.init(jax.random.key(1), x)["params"]
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, rng):
+    def loss_fn(p):
+      pred = model.apply({"params": p}, x, training=True,
+                         rngs={"dropout": rng})
+      return jnp.mean((pred - y) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses = []
+  for i in range(30):
+    params, opt_state, loss = step(params, opt_state, jax.random.key(i))
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
+
+
+# -- errors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_heads=0, key_dim=4), "num_heads=0"),
+    (dict(num_heads=2, key_dim=-1), "key_dim=-1"),
+    (dict(num_heads=2, key_dim=4, value_dim=0), "value_dim=0"),
+    (dict(num_heads=2, key_dim=4, dropout=1.5), "dropout=1.5"),
+    (dict(num_heads=2, key_dim=4, output_shape=0), "output_shape=0"),
+    (dict(num_heads=2, key_dim=4, sliding_window=0), "sliding_window=0"),
+    (dict(num_heads=2, key_dim=4, attention_axes="x"), "attention_axes"),
+    (dict(num_heads=2, key_dim=4, kernel_initializer="glorot_bogus"),
+     "glorot_bogus"),
+    (dict(num_heads=4, key_dim=4, num_key_value_heads=3),
+     "num_key_value_heads"),
+])
+def test_config_errors_name_the_argument(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    jaxmha.MHAConfig(**kwargs)
+
+
+def test_config_type_errors():
+  with pytest.raises(TypeError, match="flash_attention"):
+    jaxmha.MHAConfig(num_heads=2, key_dim=4, flash_attention="yes")
+  with pytest.raises(TypeError, match="use_bias"):
+    jaxmha.MHAConfig(num_heads=2, key_dim=4, use_bias=None)
+
+
+def test_config_is_hashable_and_round_trips():
+  cfg = jaxmha.MHAConfig(num_heads=2, key_dim=4, output_shape=[3, 2],
+                         attention_axes=1)
+  assert cfg.output_shape == (3, 2) and cfg.attention_axes == (1,)
+  assert hash(cfg) == hash(jaxmha.MHAConfig.from_config(cfg.get_config()))
+  assert {cfg: 1}[jaxmha.MHAConfig.from_config(cfg.get_config())] == 1
+
+
+def test_call_errors_name_the_argument_and_shapes():
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8))
+  cases = [
+      (dict(query=q[0]), ValueError, "rank >= 3"),
+      (dict(value=v[:1]), ValueError, "batch size"),
+      (dict(value=v[..., :8]), ValueError, "value"),
+      (dict(key=v[:, :3]), ValueError, "key_shape"),
+      (dict(attention_mask=jnp.ones((2, 6, 5), bool)), ValueError,
+       "attention_mask"),
+      (dict(query_mask=jnp.ones((2, 5), bool)), ValueError, "query_mask"),
+      (dict(value_mask=jnp.ones((3, 6), bool)), ValueError, "value_mask"),
+      (dict(query=q.astype(jnp.int32)), TypeError, "query"),
+      (dict(attention_mask=jnp.ones((2, 6, 6), jnp.complex64)), None, None),
+  ]
+  for overrides, error, match in cases:
+    kw = dict(query=q, value=v)
+    kw.update(overrides)
+    query, value = kw.pop("query"), kw.pop("value")
+    if error is None:
+      jaxmha.apply(params, cfg, query, value, **kw)  # numeric mask: fine
+      continue
+    with pytest.raises(error, match=match):
+      jaxmha.apply(params, cfg, query, value, **kw)
+  with pytest.raises(TypeError, match="cfg"):
+    jaxmha.apply(params, {"num_heads": 2}, q, v)
+  with pytest.raises(ValueError, match="attention_axes"):
+    jaxmha.apply(params, cfg.replace(attention_axes=(2,)), q, v)
+
+
+def test_forced_flash_refusal_is_a_clear_error():
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8,
+                                              flash_attention=True))
+  with pytest.raises(NotImplementedError, match="return_attention_scores"):
+    jaxmha.apply(params, cfg, q, v, return_attention_scores=True)
+
+
+def test_global_flash_switch_and_per_layer_false():
+  cfg = jaxmha.MHAConfig(num_heads=2, key_dim=8)
+  x = jax.ShapeDtypeStruct((1, 5, 16), jnp.float32)
+  try:
+    jaxmha.config.disable_flash_attention()
+    assert jaxmha.config.is_flash_attention_enabled() is False
+    assert "flash_attention=False" in jaxmha.explain(cfg, x, x).refusals[
+        "flash"]
+    jaxmha.config.enable_flash_attention()
+    # A per-layer False really means False, whatever the global switch.
+    explanation = jaxmha.explain(cfg.replace(flash_attention=False), x, x)
+    assert explanation.path == "xla"
+    assert explanation.refusals["flash"] == "flash_attention=False"
+  finally:
+    jaxmha.config._FLASH_ATTENTION_GLOBAL = None  # pylint: disable=protected-access
+
+
+def test_explain_names_the_blockwise_path_for_long_sequences():
+  cfg = jaxmha.MHAConfig(num_heads=2, key_dim=8)
+  x = jax.ShapeDtypeStruct((1, 4096, 16), jnp.float32)
+  assert jaxmha.explain(cfg, x, x).path == "xla_blockwise"
+
+
+# -- property test against an independent implementation ------------------------
+
+
+@hypothesis.given(
+    B=st.integers(1, 2), T=st.integers(1, 7), S=st.integers(1, 7),
+    N=st.integers(1, 3), H=st.sampled_from([2, 5]),
+    causal=st.booleans(), window=st.sampled_from([None, 1, 3]),
+    use_query=st.booleans(), use_value=st.booleans(),
+    use_attention=st.booleans(), gate=st.booleans(),
+    seed=st.integers(0, 2**16))
+def test_random_shapes_and_masks_match_numpy(B, T, S, N, H, causal, window,
+                                             use_query, use_value,
+                                             use_attention, gate, seed):
+  rng = np.random.default_rng(seed)
+  cfg = jaxmha.MHAConfig(num_heads=N, key_dim=H, sliding_window=window,
+                         use_gate=gate)
+  q = rng.normal(size=(B, T, 6)).astype(np.float32)
+  v = rng.normal(size=(B, S, 5)).astype(np.float32)
+  params = jaxmha.init_params(jax.random.key(seed), cfg, q.shape, v.shape)
+  params = jax.tree.map(lambda x: x + 0.1, params)  # nonzero biases
+  allowed = np.ones((B, 1, T, S), bool)
+  i, j = np.arange(T)[:, None], np.arange(S)[None, :]
+  kw = {}
+  if causal:
+    allowed &= j <= i
+  if window:
+    allowed &= np.abs(i - j) < window
+  if use_query:  # includes fully masked rows
+    kw["query_mask"] = rng.random((B, T)) > 0.3
+    allowed &= kw["query_mask"][:, None, :, None]
+  if use_value:  # may mask every key of an example
+    kw["value_mask"] = rng.random((B, S)) > 0.4
+    allowed &= kw["value_mask"][:, None, None, :]
+  if use_attention:
+    kw["attention_mask"] = rng.random((B, T, S)) > 0.3
+    allowed &= kw["attention_mask"][:, None]
+  out, scores = jaxmha.apply(params, cfg, q, v, use_causal_mask=causal,
+                             return_attention_scores=True, **kw)
+  expected, weights = naive_mha(params, q, v, v, allowed, use_gate=gate)
+  assert out.shape == (B, T, 6) and scores.shape == (B, N, T, S)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, expected, **KERAS)
+  np.testing.assert_allclose(scores, weights, **KERAS)
