@@ -21,7 +21,9 @@ forced that path. :func:`jaxmha.explain` shows the record.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from typing import Optional
 
 import jax
@@ -98,7 +100,8 @@ class FlashPath:
       raise NotImplementedError(
           "return_attention_scores=True needs the (B, N, T, S) scores, which "
           "flash kernels never materialise")
-    if _kernel_target(req.platform) is None and req.flash is not True:
+    forced = req.flash is True or forced_path() == self.name
+    if _kernel_target(req.platform) is None and not forced:
       raise NotImplementedError(
           f"no flash kernel for platform {req.platform!r} (set "
           "flash_attention=True to run one in interpret mode)")
@@ -128,7 +131,7 @@ class BlockwisePath:
           "return_attention_scores=True needs the (B, N, T, S) scores, which "
           "the blockwise path never materialises")
     p = req.prep.problem
-    if max(p.T, p.S) < BLOCKWISE_MIN_LENGTH:
+    if forced_path() != self.name and max(p.T, p.S) < BLOCKWISE_MIN_LENGTH:
       raise NotImplementedError(
           f"short sequences (T={p.T}, S={p.S} < {BLOCKWISE_MIN_LENGTH}): the "
           "fused XLA path is faster")
@@ -156,6 +159,38 @@ class FusedXlaPath:
 
 
 PATHS = (FlashPath(), BlockwisePath(), FusedXlaPath())
+PATH_NAMES = tuple(p.name for p in PATHS)
+
+_forced = threading.local()
+
+
+@contextlib.contextmanager
+def use_path(name: str):
+  """Forces one attention path while tracing (for benchmarks and tests).
+
+  The path's own refusals still apply (e.g. ``xla_blockwise`` cannot return
+  scores) and are raised, but the blockwise length threshold is waived.
+
+  >>> import jax, jax.numpy as jnp, jaxmha
+  >>> cfg = jaxmha.MHAConfig(num_heads=2, key_dim=4)
+  >>> x = jax.ShapeDtypeStruct((1, 8, 16), jnp.float32)
+  >>> with use_path("xla_blockwise"):
+  ...   print(jaxmha.explain(cfg, x, x).path)
+  xla_blockwise
+  """
+  if name not in PATH_NAMES:
+    raise ValueError(f"`name` must be one of {PATH_NAMES}; got {name!r}.")
+  previous = getattr(_forced, "name", None)
+  _forced.name = name
+  try:
+    yield
+  finally:
+    _forced.name = previous
+
+
+def forced_path() -> Optional[str]:
+  """The path forced by :func:`use_path`, or None."""
+  return getattr(_forced, "name", None)
 
 
 def choose(req: Request) -> tuple[object, Explanation]:
@@ -166,7 +201,11 @@ def choose(req: Request) -> tuple[object, Explanation]:
       and the flash path refused; the message says why.
   """
   refusals = {}
+  forced = forced_path()
   for path in PATHS:
+    if forced is not None and path.name != forced:
+      refusals[path.name] = f"use_path({forced!r}) is in effect"
+      continue
     try:
       path.check(req)
     except NotImplementedError as e:
@@ -174,10 +213,14 @@ def choose(req: Request) -> tuple[object, Explanation]:
         raise NotImplementedError(
             f"flash_attention=True, but the flash path cannot serve this "
             f"call: {e}") from e
+      if forced is not None:
+        raise NotImplementedError(
+            f"use_path({forced!r}), but that path cannot serve this call: "
+            f"{e}") from e
       refusals[path.name] = str(e)
       continue
     return path, Explanation(path=path.name, refusals=refusals)
-  raise AssertionError("the fused XLA path serves every call")
+  raise AssertionError("unreachable: the fused XLA path serves every call")
 
 
 def attend(req: Request):
