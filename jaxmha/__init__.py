@@ -24,3 +24,7 @@ __version__ = "0.1.0"
 from jaxmha.linen import MultiHeadAttention as MultiHeadAttention
 from jaxmha.interop import from_keras as from_keras
 from jaxmha.interop import to_keras as to_keras
+from jaxmha import decode as decode
+from jaxmha.decode import KVCache as KVCache
+from jaxmha.decode import init_cache as init_cache
+from jaxmha import nnx as nnx

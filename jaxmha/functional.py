@@ -270,7 +270,8 @@ def apply(params: Params, cfg: MHAConfig, query, value, key=None, *,
           attention_mask=None, query_mask=None, value_mask=None,
           key_mask=None, use_causal_mask: bool = False,
           training: bool = False, dropout_rng=None,
-          return_attention_scores: bool = False, dtype=None):
+          return_attention_scores: bool = False, dtype=None, cache=None,
+          new_lengths=None):
   """Multi-head attention, Keras's ``MultiHeadAttention.call`` as a function.
 
   Args:
@@ -292,9 +293,16 @@ def apply(params: Params, cfg: MHAConfig, query, value, key=None, *,
       (post softmax, pre dropout).
     dtype: computation dtype; default the promoted dtype of the inputs and
       params. Logits and softmax are float32 whatever it is.
+    cache: a :class:`jaxmha.decode.KVCache` (from :func:`jaxmha.init_cache`)
+      for causal decoding: ``query``/``value`` are the ``t`` new tokens,
+      written at each example's length and attended with everything cached
+      (see :mod:`jaxmha.decode` for masks and the full-cache rule).
+    new_lengths: with ``cache``, ``(B,)`` int, how many of the ``t`` new
+      tokens are real per example (ragged prefill); default all.
 
   Returns:
-    ``attention_output (B, T, *E)``, or ``(attention_output, scores)``.
+    ``attention_output (B, T, *E)``, or ``(attention_output, scores)``; with
+    ``cache``, ``(attention_output, updated_cache)``.
 
   Raises:
     ValueError, TypeError: bad inputs, naming the argument and the shapes.
@@ -309,25 +317,38 @@ def apply(params: Params, cfg: MHAConfig, query, value, key=None, *,
   >>> out.shape, scores.shape
   ((1, 5, 16), (1, 2, 5, 5))
   """
-  output, scores, _ = apply_with_projections(
+  output, scores, _, *new_cache = apply_with_projections(
       params, cfg, query, value, key, attention_mask=attention_mask,
       query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
       use_causal_mask=use_causal_mask, training=training,
       dropout_rng=dropout_rng,
-      return_attention_scores=return_attention_scores, dtype=dtype)
+      return_attention_scores=return_attention_scores, dtype=dtype,
+      cache=cache, new_lengths=new_lengths)
+  if cache is not None:
+    return output, new_cache[0]
   return (output, scores) if return_attention_scores else output
 
 
 def apply_with_projections(params: Params, cfg: MHAConfig, query, value,
-                           key=None, **kwargs):
+                           key=None, *, cache=None, new_lengths=None,
+                           **kwargs):
   """:func:`apply`, also returning each projection's output.
 
   Returns:
     ``(output, scores or None, projections)``, where ``projections`` maps
     ``"query"``, ``"key"``, ``"value"``, ``"gate"`` and
     ``"attention_output"`` to that projection's output (what Keras's
-    activity regularizers see).
+    activity regularizers see). With ``cache``, a fourth element: the
+    updated cache (the decode path, :mod:`jaxmha.decode`).
   """
+  if cache is not None:
+    from jaxmha import decode  # pylint: disable=g-import-not-at-top
+    return decode.apply_with_projections(params, cfg, query, value, key,
+                                         cache=cache, new_lengths=new_lengths,
+                                         **kwargs)
+  if new_lengths is not None:
+    raise ValueError("`new_lengths` needs a `cache` (jaxmha.init_cache); got "
+                     "cache=None.")
   call = _prepare_call(params, cfg, query, value, key, **kwargs)
   out4, probs, _ = dispatch.attend(call.request)  # (B*, T, N, Hv)
   context = call.layout.context(out4.astype(call.dtype))  # (B, ..., N, Hv)

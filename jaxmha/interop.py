@@ -69,13 +69,20 @@ def config_from_keras(layer) -> MHAConfig:
   """The :class:`MHAConfig` of a Keras ``MultiHeadAttention`` layer."""
   keras_cfg = layer.get_config()
   if type(layer).__name__ == "GroupedQueryAttention":
+    # Keras's GQA repeats each key/value head over N // K consecutive query
+    # heads (ops.repeat), which is jaxmha's n -> n // (N // K); its kernels
+    # are laid out as jaxmha's, so no transposition is needed.
+    flash = getattr(layer, "_flash_attention", None)
     return MHAConfig(
         num_heads=keras_cfg["num_query_heads"], key_dim=keras_cfg["head_dim"],
         dropout=float(keras_cfg.get("dropout", 0.0)),
         use_bias=keras_cfg.get("use_bias", True),
+        sliding_window=keras_cfg.get("sliding_window"),
+        use_gate=keras_cfg.get("use_gate", False),
+        flash_attention=flash if flash in (None, True, False) else None,
         num_key_value_heads=keras_cfg["num_key_value_heads"],
-        kernel_initializer=_initializer_name(layer._kernel_initializer),
-        bias_initializer=_initializer_name(layer._bias_initializer))
+        kernel_initializer=_initializer_name(layer.kernel_initializer),
+        bias_initializer=_initializer_name(layer.bias_initializer))
   return MHAConfig(
       num_heads=keras_cfg["num_heads"], key_dim=keras_cfg["key_dim"],
       value_dim=keras_cfg.get("value_dim"),
@@ -92,16 +99,19 @@ def config_from_keras(layer) -> MHAConfig:
 
 
 def from_keras(keras_layer) -> tuple[MHAConfig, dict]:
-  """``(cfg, params)`` from a built Keras ``MultiHeadAttention`` layer.
+  """``(cfg, params)`` from a built Keras ``MultiHeadAttention`` or
+  ``GroupQueryAttention`` layer (the latter gives ``num_key_value_heads``).
 
   Raises:
-    TypeError: not a Keras ``MultiHeadAttention``.
+    TypeError: not a Keras ``MultiHeadAttention`` or ``GroupQueryAttention``.
     ValueError: the layer is not built (call it once, or ``build`` it).
   """
   keras = _keras()
-  if not isinstance(keras_layer, keras.layers.MultiHeadAttention):
-    raise TypeError(f"`keras_layer` must be a keras.layers.MultiHeadAttention;"
-                    f" got {type(keras_layer).__name__}.")
+  if not isinstance(keras_layer, (keras.layers.MultiHeadAttention,
+                                  keras.layers.GroupQueryAttention)):
+    raise TypeError("`keras_layer` must be a keras.layers.MultiHeadAttention "
+                    "or keras.layers.GroupQueryAttention; got "
+                    f"{type(keras_layer).__name__}.")
   if not keras_layer.built:
     raise ValueError("`keras_layer` is not built: call it on inputs once, or "
                      "call keras_layer.build(query_shape, value_shape).")
@@ -130,30 +140,62 @@ def _keras_kwargs(cfg: MHAConfig) -> dict:
   return kwargs
 
 
+def _keras_gqa_kwargs(cfg: MHAConfig, query_dim: int) -> dict:
+  """``keras.layers.GroupQueryAttention`` arguments; ValueError if none fit."""
+  unsupported = []
+  if cfg.value_dim not in (None, cfg.key_dim):
+    unsupported.append(f"value_dim={cfg.value_dim} != key_dim={cfg.key_dim}")
+  if cfg.output_shape not in (None, (query_dim,)):
+    unsupported.append(f"output_shape={cfg.output_shape}")
+  if cfg.attention_axes not in (None, (1,), (-2,)):
+    unsupported.append(f"attention_axes={cfg.attention_axes}")
+  if unsupported:
+    raise ValueError("keras.layers.GroupQueryAttention cannot hold this "
+                     f"config: {', '.join(unsupported)}.")
+  init = lambda x: x if isinstance(x, str) else "glorot_uniform"
+  return dict(head_dim=cfg.key_dim, num_query_heads=cfg.num_heads,
+              num_key_value_heads=cfg.kv_heads, dropout=cfg.dropout,
+              use_bias=cfg.use_bias, sliding_window=cfg.sliding_window,
+              use_gate=cfg.use_gate,
+              kernel_initializer=init(cfg.kernel_initializer),
+              bias_initializer=init(cfg.bias_initializer))
+
+
 def to_keras(params: dict, cfg: MHAConfig, keras_layer: Optional[Any] = None):
-  """Copies ``params`` into a Keras ``MultiHeadAttention`` layer.
+  """Copies ``params`` into a Keras ``MultiHeadAttention`` layer, or a
+  ``GroupQueryAttention`` for a grouped-query config.
 
   Args:
     params: a jaxmha params tree.
     cfg: its configuration.
     keras_layer: a layer to copy into (built or not); None builds a new one
-      from ``cfg``.
+      from ``cfg`` (a ``GroupQueryAttention`` when ``num_key_value_heads``
+      differs from ``num_heads``).
 
   Returns:
     The Keras layer, holding ``params``.
 
   Raises:
-    ValueError: shapes in ``params`` that do not fit the layer, or a
-      grouped-query config (``num_key_value_heads``), which
-      ``MultiHeadAttention`` cannot hold.
+    ValueError: shapes in ``params`` that do not fit the layer; a
+      grouped-query config and a ``MultiHeadAttention`` layer; a config
+      ``GroupQueryAttention`` cannot hold (``value_dim != key_dim``, an
+      ``output_shape`` or several attention axes).
   """
   keras = _keras()
-  if cfg.kv_heads != cfg.num_heads:
+  gqa = keras.layers.GroupQueryAttention
+  if keras_layer is None:
+    if cfg.kv_heads != cfg.num_heads:
+      query_dim = params["query"]["kernel"].shape[0]
+      keras_layer = gqa(**_keras_gqa_kwargs(cfg, query_dim))
+    else:
+      keras_layer = keras.layers.MultiHeadAttention(**_keras_kwargs(cfg))
+  elif isinstance(keras_layer, gqa):
+    _keras_gqa_kwargs(cfg, params["query"]["kernel"].shape[0])
+  elif cfg.kv_heads != cfg.num_heads:
     raise ValueError("A grouped-query config (num_key_value_heads="
                      f"{cfg.num_key_value_heads}) does not fit "
-                     "keras.layers.MultiHeadAttention.")
-  if keras_layer is None:
-    keras_layer = keras.layers.MultiHeadAttention(**_keras_kwargs(cfg))
+                     "keras.layers.MultiHeadAttention; pass a "
+                     "keras.layers.GroupQueryAttention (or keras_layer=None).")
   if not keras_layer.built:
     rank = 3
     if cfg.attention_axes is not None:

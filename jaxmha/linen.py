@@ -102,7 +102,8 @@ class MultiHeadAttention(nn.Module):
     param_dtype: parameter dtype.
 
   Call arguments are those of :func:`jaxmha.apply` minus ``params``,
-  ``cfg`` and ``dropout_rng``.
+  ``cfg`` and ``dropout_rng``; with ``cache=`` (and ``new_lengths=``) it
+  decodes (:mod:`jaxmha.decode`) and returns ``(output, cache)``.
 
   >>> layer = MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.5, seed=0)
   >>> x = jnp.ones((1, 3, 8))
@@ -223,17 +224,20 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, query, value, key=None, *, attention_mask=None,
                query_mask=None, value_mask=None, key_mask=None,
                use_causal_mask: bool = False, training: bool = False,
-               return_attention_scores: bool = False):
+               return_attention_scores: bool = False, cache=None,
+               new_lengths=None):
     cfg = self.config
     key_input = value if key is None else key
     params = self._params(cfg, query, value, key_input)
     dropout_rng = self._dropout_rng(cfg, training)
-    output, scores, projections = functional.apply_with_projections(
+    result = functional.apply_with_projections(
         params, cfg, query, value, key, attention_mask=attention_mask,
         query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
         use_causal_mask=use_causal_mask, training=training,
         dropout_rng=dropout_rng,
-        return_attention_scores=return_attention_scores, dtype=self.dtype)
+        return_attention_scores=return_attention_scores, dtype=self.dtype,
+        cache=cache, new_lengths=new_lengths)
+    output, scores, projections = result[:3]
     activity = regularizers.get_regularizer(self.activity_regularizer)
     if activity is not None:
       # Keras applies the layer's activity regularizer to each projection
@@ -241,6 +245,8 @@ class MultiHeadAttention(nn.Module):
       total = sum(activity(y) / y.shape[0] for y in projections.values())
       self.sow("losses", "activity_regularization", total,
                init_fn=lambda: 0.0, reduce_fn=lambda _, new: new)
+    if cache is not None:
+      return output, result[3]
     if return_attention_scores:
       return output, scores
     return output
