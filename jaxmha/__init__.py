@@ -28,3 +28,9 @@ from jaxmha import decode as decode
 from jaxmha.decode import KVCache as KVCache
 from jaxmha.decode import init_cache as init_cache
 from jaxmha import nnx as nnx
+from jaxmha import ring as ring
+from jaxmha import sharding as sharding
+from jaxmha.ring import context_parallel as context_parallel
+from jaxmha.ring import ring_attention as ring_attention
+from jaxmha.sharding import param_partition_specs as param_partition_specs
+from jaxmha.sharding import shard_params as shard_params

@@ -119,6 +119,10 @@ class MHAConfig:
     bias_initializer: Keras name or a JAX initializer.
     num_key_value_heads: K, key/value heads for grouped-query attention
       (``num_heads % num_key_value_heads == 0``); default ``num_heads``.
+    context_parallel_axis: a mesh axis name: the sequence is split over it
+      and attention runs as ring attention (:mod:`jaxmha.ring`); call the
+      layer inside ``shard_map`` over that axis or under a mesh that has
+      it. None: no context parallelism.
 
   >>> cfg = MHAConfig(num_heads=8, key_dim=64)
   >>> cfg.value_head_dim, cfg.kv_heads
@@ -144,6 +148,7 @@ class MHAConfig:
   kernel_initializer: Initializer = "glorot_uniform"
   bias_initializer: Initializer = "zeros"
   num_key_value_heads: Optional[int] = None
+  context_parallel_axis: Optional[str] = None
 
   def __post_init__(self):
     _check_positive_int("num_heads", self.num_heads)
@@ -177,6 +182,11 @@ class MHAConfig:
           "`num_heads` must be divisible by `num_key_value_heads`. Received: "
           f"num_heads={self.num_heads}, "
           f"num_key_value_heads={self.num_key_value_heads}")
+    if self.context_parallel_axis is not None and not isinstance(
+        self.context_parallel_axis, str):
+      raise TypeError(
+          "`context_parallel_axis` must be None or a mesh axis name (str). "
+          f"Received: context_parallel_axis={self.context_parallel_axis!r}")
     for name in ("kernel_initializer", "bias_initializer"):
       value = getattr(self, name)
       if not (isinstance(value, str) or callable(value)):

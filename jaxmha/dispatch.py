@@ -6,6 +6,11 @@ length, N query heads, K key/value heads, H head dim, Hv value head dim.
 Paths, tried in order; each either serves the call or refuses with a
 ``NotImplementedError(reason)``:
 
+0. ``ring``: only, and always, for calls with a ``context_parallel_axis``
+   (the config's, or :func:`jaxmha.context_parallel`'s): ring attention
+   over that mesh axis (:mod:`jaxmha.ring`). Context parallelism is never
+   dropped silently: if the ring cannot serve the call, it is an error.
+
 1. ``flash``: the Pallas kernel of the platform (``pallas_kernels``: TPU
    Mosaic, GPU Triton). On CPU only when forced (``flash_attention=True``),
    then in interpret mode, for testing.
@@ -29,6 +34,7 @@ from typing import Optional
 import jax
 
 from jaxmha import config as config_lib
+from jaxmha import ring
 from pallas_kernels import api as kernel_api
 from pallas_kernels import common
 from pallas_kernels import reference
@@ -49,6 +55,7 @@ class Request:
   need_probs: bool
   flash: Optional[bool]  # the layer's or the global preference
   platform: str
+  context_parallel_axis: Optional[str] = None  # ring attention over it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +74,12 @@ class Explanation:
     lines += [f"  {name} refused: {why}" for name, why in
               self.refusals.items()]
     return "\n".join(lines)
+
+
+def context_parallel_axis(cfg) -> Optional[str]:
+  """The config's ``context_parallel_axis``, or the enclosing
+  :func:`jaxmha.context_parallel`'s."""
+  return ring.context_parallel_axis(cfg)
 
 
 def effective_flash_preference(layer_setting: Optional[bool]) -> Optional[bool]:
@@ -200,6 +213,14 @@ def choose(req: Request) -> tuple[object, Explanation]:
     NotImplementedError: the user forced flash (``flash_attention=True``)
       and the flash path refused; the message says why.
   """
+  if req.context_parallel_axis is not None:
+    try:
+      ring.RING_PATH.check(req)
+    except NotImplementedError as e:
+      raise NotImplementedError(
+          f"context_parallel_axis={req.context_parallel_axis!r}, but ring "
+          f"attention cannot serve this call: {e}") from e
+    return ring.RING_PATH, Explanation(path=ring.RING_PATH.name, refusals={})
   refusals = {}
   forced = forced_path()
   for path in PATHS:

@@ -258,7 +258,8 @@ def _prepare_call(params, cfg, query, value, key, *, attention_mask,
   request = dispatch.Request(
       q=q4, k=k4, v=v4, prep=prep, need_probs=bool(return_attention_scores),
       flash=dispatch.effective_flash_preference(cfg.flash_attention),
-      platform=jax.default_backend())
+      platform=jax.default_backend(),
+      context_parallel_axis=dispatch.context_parallel_axis(cfg))
   projections = None if abstract else {"query": q, "key": k, "value": v}
   if gate is not None:
     projections["gate"] = gate
