@@ -15,6 +15,7 @@ subclass's lists. Every test compares against
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any, Optional
 
@@ -111,10 +112,22 @@ def make_inputs(case: Case, seed: int = 0):
   return q, k, v, kw
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "causal", "sliding_window", "scale", "dropout_rate", "return_lse"))
+def _jitted_reference(q, k, v, **kw):
+  return reference.attention(q, k, v, **kw)
+
+
 def reference_attention(q, k, v, **kw):
-  """The reference on the same (possibly low-precision) inputs, in fp32."""
+  """The reference on the same (possibly low-precision) inputs, in fp32.
+
+  Jitted: one compilation per call signature costs about half the CPU time
+  of op-by-op dispatch.
+  """
   f32 = lambda x: x.astype(jnp.float32)
-  return reference.attention(f32(q), f32(k), f32(v), **kw)
+  if isinstance(kw.get("sliding_window"), list):  # static args must hash
+    kw["sliding_window"] = tuple(kw["sliding_window"])
+  return _jitted_reference(f32(q), f32(k), f32(v), **kw)
 
 
 class AttentionConformance:

@@ -1,0 +1,231 @@
+"""The blockwise XLA path (``backend="xla"``) against the reference.
+
+Small blocks (16 query rows, 32 keys) make the conformance shapes span many
+ragged blocks, so the masked, unmasked and padded block paths all run.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from benchmarks.shapes import CONFORMANCE, AttentionShape
+from pallas_kernels import blockwise
+from pallas_kernels import common
+from pallas_kernels.masks import MaskSpec
+from tests.conformance import (MASK_KINDS, AttentionConformance, Case,
+                               diagonal_cases, make_inputs,
+                               reference_attention)
+from tests.tolerances import FORWARD, GRAD, assert_close
+
+SMALL_BLOCKS = blockwise.BlockSizes(block_q=16, block_k=32)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sliding_window",
+                                             "scale", "dropout_rate",
+                                             "return_lse"))
+def _small_block_attention(q, k, v, **kw):
+  return pallas_kernels.flash_attention(q, k, v, backend="xla",
+                                        block_sizes=SMALL_BLOCKS, **kw)
+
+
+class TestBlockwise(AttentionConformance):
+  # Every mask kind on two shapes, in fp32, bf16 and fp16 (the full product
+  # runs past the CPU budget and adds no code path: the same plans recur).
+  CASES = (diagonal_cases(masks=MASK_KINDS)
+           + diagonal_cases(shapes=CONFORMANCE[3:] + CONFORMANCE[:3],
+                            masks=MASK_KINDS,
+                            dtypes=("bfloat16", "float16", "float32")))
+
+  def attention(self, q, k, v, **kw):
+    # Under jit: one compilation per case instead of op-by-op dispatch.
+    return _small_block_attention(q, k, v, **kw)
+
+
+# -- block skipping -----------------------------------------------------------
+
+
+def test_causal_visits_about_half_the_blocks():
+  T = 4096
+  full = blockwise.plan(MaskSpec.full(), T, T, blockwise.BlockSizes(256, 256))
+  causal = blockwise.plan(MaskSpec.causal(), T, T,
+                          blockwise.BlockSizes(256, 256))
+  n = T // 256
+  assert full.num_visited == n * n and not full.masked
+  assert causal.num_visited == n * (n + 1) // 2
+  # Only the diagonal blocks need a mask.
+  assert len(causal.masked) == n
+  assert causal.num_visited / full.num_visited < 0.54
+
+
+def test_sliding_window_visits_blocks_linear_in_T():
+  bs = blockwise.BlockSizes(128, 128)
+  spec = MaskSpec.sliding_window(200)
+  visited = [blockwise.plan(spec, T, T, bs).num_visited
+             for T in (2048, 4096, 8192)]
+  # Each query block sees at most ceil((2 * 199 + 128) / 128) + 1 key blocks.
+  for T, n in zip((2048, 4096, 8192), visited):
+    assert n <= (T // 128) * 6
+  assert visited[2] - visited[1] == 2 * (visited[1] - visited[0])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_matches_the_dense_band(seed):
+  rng = np.random.default_rng(seed)
+  for _ in range(50):
+    T, S = (int(x) for x in rng.integers(1, 90, size=2))
+    left, right = (None if rng.random() < 0.3 else int(rng.integers(0, 40))
+                   for _ in range(2))
+    spec = MaskSpec(left=left, right=right)
+    bs = blockwise.BlockSizes(*(int(x) for x in rng.integers(1, 33, size=2)))
+    p = blockwise.plan(spec, T, S, bs)
+    bq, bk = p.block_q, p.block_k
+    dense = np.zeros((p.num_q_blocks * bq, p.num_k_blocks * bk), bool)
+    dense[:T, :S] = spec.dense(T, S)
+    blocks = dense.reshape(p.num_q_blocks, bq, p.num_k_blocks, bk)
+    real_rows = (np.arange(p.num_q_blocks * bq) < T).reshape(-1, bq)
+    # Visited: exactly the blocks with an allowed pair.
+    any_allowed = {tuple(ij) for ij in np.argwhere(blocks.any(axis=(1, 3)))}
+    assert set(p.unmasked) | set(p.masked) == any_allowed
+    # Unmasked: every real row may attend every key of the block.
+    for i, j in p.unmasked:
+      assert blocks[i, real_rows[i], j].all()
+    for i, j in p.masked:
+      assert not blocks[i, real_rows[i], j].all()
+    for by_q in (True, False):  # the ranges the loops run over exist
+      blockwise._inner_ranges(p, by_q)
+
+
+def test_data_masks_need_masked_blocks():
+  p = blockwise.plan(MaskSpec.causal(), 1000, 1000, has_data_mask=True)
+  assert not p.unmasked and p.masked
+  # Ragged S: the last key block holds padding and is masked.
+  p = blockwise.plan(MaskSpec.full(), 64, 100, blockwise.BlockSizes(64, 32))
+  assert p.block_k == 25 and p.num_k_blocks == 4 and not p.masked
+  p = blockwise.plan(MaskSpec.full(), 64, 100, blockwise.BlockSizes(64, 64))
+  assert p.block_k == 50 and not p.masked
+  p = blockwise.plan(MaskSpec.full(), 64, 101, blockwise.BlockSizes(64, 64))
+  assert p.block_k == 51 and p.masked == ((0, 1),)
+
+
+def test_fully_masked_query_blocks_are_empty_rows():
+  # Window with T >> S: queries far past the keys have no key block at all.
+  shape = AttentionShape(B=1, T=200, S=20, N=2, K=1, H=16)
+  q, k, v, _ = make_inputs(Case(shape))
+  out, lse = _small_block_attention(q, k, v, sliding_window=4,
+                                    return_lse=True)
+  np.testing.assert_array_equal(out[:, 30:], 0.0)
+  np.testing.assert_array_equal(lse[:, :, 30:], pallas_kernels.EMPTY_ROW_LSE)
+  ref = reference_attention(q, k, v, sliding_window=4)
+  assert_close(out, ref, FORWARD)
+
+
+# -- memory -------------------------------------------------------------------
+
+
+def _train_step_temp_bytes(T: int, B=1, N=2, H=32) -> int:
+  q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+
+  def loss(q, k, v):
+    out = pallas_kernels.flash_attention(q, k, v, causal=True, backend="xla")
+    return jnp.sum(out)
+
+  compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, q, q).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_memory_is_linear_in_sequence_length():
+  temps = [_train_step_temp_bytes(T) for T in (2048, 4096, 8192)]
+  for small, big in zip(temps, temps[1:]):
+    assert big < 2.6 * small, temps
+  # Far below one (T, T) fp32 score matrix per head.
+  assert temps[-1] < 8192 * 8192 * 4 / 4, temps
+
+
+# -- default block sizes and odd shapes -----------------------------------------
+
+
+@pytest.mark.parametrize("T,S", [(1, 1), (1000, 1000), (700, 1)])
+def test_default_blocks(T, S):
+  shape = AttentionShape(B=1, T=T, S=S, N=4, K=2, H=16, Hv=24)
+  q, k, v, kw = make_inputs(Case(shape, "all" if T == S else "none",
+                                 "float16"))
+  causal = kw.pop("causal", False)
+  fn = jax.jit(lambda q, k, v, kw: pallas_kernels.flash_attention(
+      q, k, v, causal=causal, backend="xla", return_lse=True, **kw))
+  out, lse = fn(q, k, v, kw)
+  ref, ref_lse = reference_attention(q, k, v, causal=causal,
+                                     return_lse=True, **kw)
+  assert_close(out, ref, FORWARD, "float16")
+  assert_close(lse, ref_lse, FORWARD, "float16")
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+  grads = jax.jit(jax.grad(loss(lambda *a: fn(*a, kw)[0]), (0, 1, 2)))(
+      q, k, v)
+  ref_grads = jax.grad(loss(lambda *a: reference_attention(
+      *a, causal=causal, **kw)), (0, 1, 2))(q, k, v)
+  for g, r in zip(grads, ref_grads):
+    assert g.dtype == jnp.float16
+    assert_close(g, r, GRAD, "float16")
+
+
+def test_block_sizes_are_validated():
+  with pytest.raises(ValueError, match="block_q"):
+    blockwise.BlockSizes(block_q=0)
+  q = jnp.zeros((1, 8, 1, 8))
+  with pytest.raises(TypeError, match="BlockSizes"):
+    pallas_kernels.flash_attention(q, q, q, backend="xla",
+                                   block_sizes=(16, 16))
+
+
+# -- transforms -----------------------------------------------------------------
+
+
+def test_shard_map_over_heads():
+  from jax.sharding import Mesh, PartitionSpec as P
+
+  mesh = Mesh(np.array(jax.devices()[:1]), ("heads",))
+  shape = AttentionShape(B=1, T=48, S=48, N=4, K=2, H=16)
+  q, k, v, _ = make_inputs(Case(shape))
+  spec = P(None, None, "heads", None)
+
+  @jax.jit
+  def fn(q, k, v):
+    return jax.shard_map(
+        lambda q, k, v: pallas_kernels.flash_attention(
+            q, k, v, causal=True, backend="xla", block_sizes=SMALL_BLOCKS),
+        mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+
+  assert_close(fn(q, k, v), reference_attention(q, k, v, causal=True),
+               FORWARD)
+  grads = jax.grad(lambda *a: jnp.sum(fn(*a)), (0, 1, 2))(q, k, v)
+  for g in grads:
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_vmap_of_gradient_with_batched_lengths():
+  shape = AttentionShape(B=1, T=40, S=40, N=2, K=2, H=16)
+  q, k, v, _ = make_inputs(Case(shape))
+  lengths = jnp.array([[0], [13], [40]])  # (3, B): one all-padding example
+
+  def loss(fn, q, k, v, kv_lengths):
+    return jnp.sum(fn(q, k, v, kv_lengths=kv_lengths) ** 2)
+
+  ours = lambda q, k, v, **kw: pallas_kernels.flash_attention(
+      q, k, v, backend="xla", block_sizes=SMALL_BLOCKS, **kw)
+  grad = lambda fn: jax.vmap(jax.grad(lambda *a: loss(fn, *a), (0, 1, 2)),
+                             in_axes=(None, None, None, 0))
+  got = jax.jit(grad(ours))(q, k, v, lengths)
+  ref = grad(reference_attention)(q, k, v, lengths)
+  for g, r in zip(got, ref):
+    assert_close(g, r, GRAD)
+
+
+def test_prepared_call_ignores_interpret():
+  q = jax.random.normal(jax.random.key(0), (1, 33, 2, 8))
+  prep = common.prepare(q, q, q, causal=True)
+  a = jax.jit(lambda q: blockwise.attention(q, q, q, prep, interpret=True))(q)
+  b = jax.jit(lambda q: blockwise.attention(q, q, q, prep))(q)
+  np.testing.assert_array_equal(a[0], b[0])
