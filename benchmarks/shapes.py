@@ -51,3 +51,16 @@ LAYER_SEQ_LENGTHS = (128, 256, 512, 1024, 2048, 4096)
 # GPU timing shapes (bf16): B=4, N=16, H=128, T=S.
 GPU_TIMING = tuple(AttentionShape(B=4, T=t, S=t, N=16, K=16, H=128)
                    for t in (1024, 4096, 16384))
+
+# benchmarks/compare.py: its batches, its quick and smoke grids (smoke: tiny
+# D, for CI), and the longest-trainable-sequence sweep (B=1, T doubling from
+# SWEEP_START_LENGTH up to SWEEP_MAX_LENGTH; SWEEP_REQUIRED_LENGTH must run).
+LAYER_BATCHES = (1, 4)
+LAYER_QUICK_SEQ_LENGTHS = (256, 1024, 2048)
+LAYER_SMOKE_SEQ_LENGTHS = (64, 128)
+SMOKE_D = 32
+SMOKE_N = 2
+SMOKE_H = 16
+SWEEP_START_LENGTH = 4096
+SWEEP_MAX_LENGTH = 262144
+SWEEP_REQUIRED_LENGTH = 65536

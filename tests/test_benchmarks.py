@@ -1,0 +1,98 @@
+"""The comparison benchmark (``python -m benchmarks.compare``): its smoke run
+writes the JSON, the markdown tables and the plot; its FLOP count, fit and
+smoke grid are right.
+
+Shape letters: B batch, T query length, N heads, H head dim, D features.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from benchmarks import compare
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_run_writes_json_markdown_and_png(tmp_path):
+  env = dict(os.environ, KERAS_BACKEND="jax")
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+  # About 25 s on an idle 2-core machine; the limit leaves room for a
+  # loaded CI runner.
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.compare", "--smoke", "--out",
+       str(tmp_path)], cwd=_ROOT, env=env, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  with open(tmp_path / "compare.json") as f:
+    result = json.load(f)
+  verdicts = [line for line in proc.stdout.splitlines()
+              if line.startswith(("PASS: ", "FAIL: ", "N/A: "))]
+  assert len(verdicts) == len(result["checks"]) == 7, proc.stdout[-3000:]
+  names = {i.name for i in compare.implementations()}
+  assert result["settings"]["name"] == "smoke"
+  assert len(result["configs"]) == 4
+  for c in result["configs"]:
+    assert set(c["impls"]) == names, c["impls"].keys()
+    assert c["matmul_gflops"] > 0
+    for name, e in c["impls"].items():
+      assert e["median_ms"] > 0 and e["gflops"] > 0, (name, e)
+      assert e["memory"]["peak"] > 0, (name, e)
+      assert e["speedup_vs_keras"] > 0, (name, e)
+    assert c["impls"]["keras"]["speedup_vs_keras"] == pytest.approx(1.0)
+  run = result["sweep"]["jaxmha"]["runs"][0]
+  assert run["ok"] and run["finite"] and run["wall_s"] > 0, run
+  assert {c["status"] for c in result["checks"]} <= {"PASS", "FAIL", "N/A"}
+
+  md = (tmp_path / "compare.md").read_text()
+  assert "## Targets" in md
+  assert "| B | T | implementation | path | time ms | x Keras |" in md
+  assert "## Longest trainable sequence" in md
+
+  with open(tmp_path / "compare.png", "rb") as f:
+    assert f.read(8) == _PNG_SIGNATURE
+  image = matplotlib.image.imread(tmp_path / "compare.png")
+  assert image.ndim == 3 and min(image.shape[:2]) > 300, image.shape
+
+
+def test_flops_counts_attention_projections_and_backward():
+  B, T, N, H, D = 2, 128, 8, 64, 512
+  attention = 4 * B * N * T * T * H
+  projections = 2 * B * T * D * N * H * 4
+  assert compare.flops("core", "fwd", False, B, T, N, H, D) == attention
+  assert compare.flops("core", "fwd", True, B, T, N, H, D) == attention / 2
+  assert compare.flops("layer", "fwd", False, B, T, N, H, D) == (
+      attention + projections)
+  assert compare.flops("layer", "fwd+bwd", True, B, T, N, H, D) == 3 * (
+      attention / 2 + projections)
+
+
+def test_linear_fit_slope_r2_and_exponent():
+  Ts = [4096, 8192, 16384, 32768]
+  linear = compare.linear_fit(Ts, [3 * t + 100 for t in Ts])
+  assert linear["slope"] == pytest.approx(3.0)
+  assert linear["r2"] == pytest.approx(1.0)
+  assert linear["exponent_last_doubling"] == pytest.approx(1.0, abs=0.01)
+  quadratic = compare.linear_fit(Ts, [t * t for t in Ts])
+  assert quadratic["exponent_last_doubling"] == pytest.approx(2.0)
+  assert quadratic["r2"] < 0.99
+
+
+def test_smoke_grid_covers_every_scope_mode_mask_and_length():
+  cells = list(compare.grid(compare.SMOKE))
+  assert len(cells) == 4
+  assert {c[0] for c in cells} == set(compare.SCOPES)
+  assert {c[1] for c in cells} == set(compare.MODES)
+  assert {causal for c in cells for causal in c[4]} == {False, True}
+  assert {c[3] for c in cells} == set(compare.SMOKE.seq_lengths)
+  full = list(compare.grid(compare.FULL))
+  # Both masks run in the same rounds, so their time ratio is paired.
+  assert all(causals == (False, True) for *_, causals in full)
+  assert all(B * T <= compare.FULL.max_tokens for _, _, B, T, _ in full)
