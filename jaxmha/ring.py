@@ -458,7 +458,10 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False,
       :func:`to_zigzag`), which balances causal work.
     backend: per-block attention: ``"gpu"``/``"tpu"`` (flash kernels) or
       ``"xla"`` (blockwise); default the platform's kernel, ``"xla"`` on CPU.
-    interpret: run the kernel in interpret mode (CPU tests).
+    interpret: run the kernel in interpret mode (CPU tests). The TPU
+      interpreter synchronises devices inside each kernel call, so with
+      ``backend="tpu"`` it serves non-causal rings only (a causal ring's
+      devices skip different steps).
     block_sizes: the backend's ``BlockSizes``, or None.
     return_lse: also return the global ``(B, N, Tl)`` log-sum-exp.
 

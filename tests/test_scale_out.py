@@ -302,39 +302,42 @@ def _run(module: str, *checks: str, timeout: float = 900):
   return result.stdout
 
 
-MULTIDEVICE = [
-    ("ring_checks", ("ring_matches_reference", "ring_is_typed_for_check_vma")),
-    ("ring_checks", ("ring_with_gpu_kernel_in_interpret_mode",)),
-    ("ring_checks", ("layer_config_under_a_mesh_matches_single_device",
-                     "layer_config_with_explicit_mesh_axes",
-                     "layer_errors_name_the_numbers")),
-    ("transform_checks", ("pmap_data_parallel_grads_equal_full_batch",)),
-    ("transform_checks", (
-        "jit_with_named_sharding_inputs_equals_single_device",
-        "heads_sharded_train_step_equals_unsharded")),
-    ("hlo_checks", ()),
-]
-SLOW_MULTIDEVICE = [
-    ("ring_checks", ("layer_config_inside_shard_map_matches_single_device",
-                     "context_parallel_wrapper_on_a_flax_model")),
-    ("ring_checks", ("ring_matches_reference_all_cases",)),
-    ("ring_checks", ("ring_with_kernels_in_interpret_mode_more_cases",)),
-    ("hlo_checks", ("memory_report",)),
-]
+# Grouped to start few processes (each pays for importing JAX and Flax).
+MULTIDEVICE = {
+    "ring": ("ring_checks", (
+        "ring_matches_reference", "ring_with_gpu_kernel_in_interpret_mode",
+        "layer_config_under_a_mesh_matches_single_device",
+        "layer_errors_name_the_numbers")),
+    "sharded_params_and_pmap": ("transform_checks", (
+        "heads_sharded_train_step_equals_unsharded",
+        "pmap_data_parallel_grads_equal_full_batch")),
+    "hlo": ("hlo_checks", ("shapes_and_collectives",
+                           "ring_needs_less_memory_than_gathered")),
+}
+SLOW_MULTIDEVICE = {
+    "ring_more": ("ring_checks", (
+        "ring_is_typed_for_check_vma", "layer_config_with_explicit_mesh_axes",
+        "layer_config_inside_shard_map_matches_single_device",
+        "context_parallel_wrapper_on_a_flax_model")),
+    "ring_all_cases": ("ring_checks", ("ring_matches_reference_all_cases",)),
+    "ring_kernels": ("ring_checks", (
+        "ring_with_kernels_in_interpret_mode_more_cases",)),
+    "named_sharding": ("transform_checks", (
+        "jit_with_named_sharding_inputs_equals_single_device",)),
+    "memory_report": ("hlo_checks", ("memory_report",)),
+}
 
 
-@pytest.mark.parametrize("module, checks", MULTIDEVICE,
-                         ids=[f"{m}:{'+'.join(c) or 'all'}"
-                              for m, c in MULTIDEVICE])
-def test_on_8_devices(module, checks):
+@pytest.mark.parametrize("group", sorted(MULTIDEVICE))
+def test_on_8_devices(group):
+  module, checks = MULTIDEVICE[group]
   _run(module, *checks)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module, checks", SLOW_MULTIDEVICE,
-                         ids=[f"{m}:{'+'.join(c)}"
-                              for m, c in SLOW_MULTIDEVICE])
-def test_on_8_devices_slow(module, checks):
+@pytest.mark.parametrize("group", sorted(SLOW_MULTIDEVICE))
+def test_on_8_devices_slow(group):
+  module, checks = SLOW_MULTIDEVICE[group]
   print(_run(module, *checks, timeout=1800))
 
 

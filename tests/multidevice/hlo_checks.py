@@ -117,24 +117,20 @@ def _has_length(hlo: str, length: int) -> bool:
 
 @check
 def shapes_and_collectives():
-  """One compiled forward+backward per case: its shapes and collectives."""
+  """A compiled forward+backward per case: its shapes and collectives."""
   n, B, S, N, H = 8, 1, 768, 2, 16  # Sl = 96; 768 appears nowhere else
   for causal, with_ids in ((True, True), (False, False)):
     rotated = 3 if with_ids else 2  # K, V (and the key segment ids)
-    what = f"{causal=} {with_ids=}"
-    fwd = _compile(_ring(n, causal, with_ids), B, S, N, H)
-    both = _compile(_ring(n, causal, with_ids), B, S, N, H, grad=True)
-    for compiled in (fwd, both):
-      assert not _has_length(compiled.as_text(), S), (
-          f"{what}: an array of length S={S} in the ring's HLO")
-      assert _has_length(compiled.as_text(), S // n)
-    fwd, both = collectives(fwd), collectives(both)
-    what += f": fwd {fwd}, fwd+bwd {both}"
-    # One collective-permute per rotated array per step, in the loop body;
-    # backward also rotates the dK, dV accumulators.
-    assert fwd["loop_bodies"] == [rotated], what
-    assert both["loop_bodies"] == [rotated, rotated + 2], what
-    assert not fwd["other"] and not both["other"], what
+    compiled = _compile(_ring(n, causal, with_ids), B, S, N, H, grad=True)
+    hlo = compiled.as_text()
+    found = collectives(compiled)
+    what = f"{causal=} {with_ids=}: {found}"
+    assert not _has_length(hlo, S), f"{what}: an array of length S={S}"
+    assert _has_length(hlo, S // n)
+    # Two ring loops (forward, backward), one collective-permute per rotated
+    # array per step; backward also rotates the dK, dV accumulators.
+    assert found["loop_bodies"] == [rotated, rotated + 2], what
+    assert not found["other"], what
   # The shape check can see a gathered K/V.
   assert _has_length(_compile(_gathered(n), B, S, N, H).as_text(), S)
 

@@ -220,11 +220,16 @@ def ring_with_gpu_kernel_in_interpret_mode():
 
 @check(slow=True)
 def ring_with_kernels_in_interpret_mode_more_cases():
-  for backend, layout in itertools.product(("gpu", "tpu"),
-                                           ("contiguous", "zigzag")):
+  for layout in ("contiguous", "zigzag"):
     run_ring_case(RingCase(P=2, causal=True, layout=layout, B=1, T=64, S=64,
-                           N=2, K=1, H=32 if backend == "tpu" else 16,
-                           backend=backend, interpret=True))
+                           N=2, K=1, backend="gpu", interpret=True))
+  # The TPU kernel in interpret mode, non-causal only: the TPU interpreter
+  # synchronises the simulated devices with collectives inside every kernel
+  # call, so a causal ring (devices take different lax.switch branches, some
+  # calling the kernel, some not) deadlocks in the interpreter. On a TPU the
+  # Mosaic kernel has no such collectives.
+  run_ring_case(RingCase(P=2, causal=False, B=1, T=64, S=64, N=2, K=1, H=32,
+                         backend="tpu", interpret=True))
 
 
 # -- the layer's path ----------------------------------------------------------
