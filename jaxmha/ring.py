@@ -440,9 +440,10 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False,
   sequence split is ``shard_map``'s: it requires T divisible by P; uneven
   shards are not supported.)
 
-  Pass ``check_vma=False`` to ``shard_map`` when a per-block path does not
-  type its loop carries as varying over the mesh axis (the blockwise XLA
-  path and interpret-mode kernels, in JAX 0.10.2); the ring itself does.
+  The ring and the blockwise XLA path type-check under ``shard_map``'s
+  default ``check_vma=True``; kernels in interpret mode need
+  ``check_vma=False`` (JAX 0.10.2's Pallas interpreter does not type its
+  loop carries as varying over the mesh axis).
 
   Args:
     q: ``(B, Tl, N, H)``, this device's queries.
@@ -477,8 +478,7 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False,
   >>> x = jax.random.normal(jax.random.key(0), (1, 16, 2, 8))
   >>> ring = jax.shard_map(
   ...     lambda q: ring_attention(q, q, q, axis_name="seq", causal=True),
-  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"),
-  ...     check_vma=False)
+  ...     mesh=mesh, in_specs=P(None, "seq"), out_specs=P(None, "seq"))
   >>> out = jax.jit(ring)(x)
   >>> ref = pallas_kernels.reference.attention(x, x, x, causal=True)
   >>> bool(jnp.allclose(out, ref, atol=1e-5))
@@ -730,11 +730,11 @@ class RingPath:
     if axis in getattr(mesh, "explicit_axes", ()):
       operands = jax.tree.map(jax.sharding.reshard, operands, specs)
     manual_axes = {axis} | set(getattr(mesh, "explicit_axes", ()))
-    # check_vma=False: interpret-mode kernels and the blockwise path do not
-    # type their loop carries as varying over the manual axis.
+    # Interpret-mode kernels (forced flash on CPU) do not type their loop
+    # carries as varying over the manual axis: no check_vma for them.
     out = jax.shard_map(attend, mesh=mesh, in_specs=specs,
                         out_specs=specs[0], axis_names=manual_axes,
-                        check_vma=False)(*operands)
+                        check_vma=not interpret)(*operands)
     return out, None
 
 
