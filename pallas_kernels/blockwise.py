@@ -6,11 +6,12 @@ K key/value heads (``N % K == 0``), G query heads per key/value head
 queries is laid out as ``(B*K, bq*G, H)``: the G query heads that share a key
 head are folded into the rows of one matmul, so GQA never repeats K or V.
 
-The online softmax of FlashAttention-2 (arXiv:2307.08691) written with
-``lax.scan`` instead of a kernel: the forward visits the (query block, key
-block) pairs a static :class:`BlockPlan` lists, keeps the running max
-``m_i``, normaliser ``l_i`` and unnormalised output per query row, and saves
-only ``out`` and the log-sum-exp; the backward recomputes each block's
+The online softmax of FlashAttention-2 (arXiv:2307.08691) written with XLA
+loops instead of a kernel. The forward scans over query blocks and, for
+each, loops over the key blocks a static :class:`BlockPlan` lists, keeping
+the running max ``m_i``, normaliser ``l_i`` and unnormalised output of its
+rows; it saves only ``out`` and the log-sum-exp. The backward scans over key
+blocks, loops over the query blocks that see each, and recomputes the
 probabilities from the saved log-sum-exp. Nothing of size ``T x S`` is ever
 stored, so memory is linear in the sequence lengths.
 

@@ -151,24 +151,23 @@ def test_memory_is_linear_in_sequence_length():
 @pytest.mark.parametrize("T,S", [(1, 1), (1000, 1000), (700, 1)])
 def test_default_blocks(T, S):
   shape = AttentionShape(B=1, T=T, S=S, N=4, K=2, H=16, Hv=24)
-  q, k, v, kw = make_inputs(Case(shape, "all" if T == S else "none",
-                                 "float16"))
+  q, k, v, kw = make_inputs(Case(shape, "all" if T == S else "none"))
   causal = kw.pop("causal", False)
   fn = jax.jit(lambda q, k, v, kw: pallas_kernels.flash_attention(
       q, k, v, causal=causal, backend="xla", return_lse=True, **kw))
   out, lse = fn(q, k, v, kw)
   ref, ref_lse = reference_attention(q, k, v, causal=causal,
                                      return_lse=True, **kw)
-  assert_close(out, ref, FORWARD, "float16")
-  assert_close(lse, ref_lse, FORWARD, "float16")
-  loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
-  grads = jax.jit(jax.grad(loss(lambda *a: fn(*a, kw)[0]), (0, 1, 2)))(
-      q, k, v)
-  ref_grads = jax.grad(loss(lambda *a: reference_attention(
-      *a, causal=causal, **kw)), (0, 1, 2))(q, k, v)
-  for g, r in zip(grads, ref_grads):
-    assert g.dtype == jnp.float16
-    assert_close(g, r, GRAD, "float16")
+  assert_close(out, ref, FORWARD)
+  assert_close(lse, ref_lse, FORWARD)
+  if T > 1:  # several default blocks: the backward's loops too
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a) ** 2)
+    grads = jax.jit(jax.grad(loss(lambda *a: fn(*a, kw)[0]), (0, 1, 2)))(
+        q, k, v)
+    ref_grads = jax.jit(jax.grad(loss(lambda *a: reference_attention(
+        *a, causal=causal, **kw)), (0, 1, 2)))(q, k, v)
+    for g, r in zip(grads, ref_grads):
+      assert_close(g, r, GRAD)
 
 
 def test_block_sizes_are_validated():
