@@ -20,9 +20,14 @@ and 14 H forward plus backward. The machine's matmul rate is a plain fp32
 ``jnp.dot`` of two ``(n, n)`` matrices with the same FLOPs (``2 n^3``),
 timed in the same rounds. ``temp MB`` is XLA's compiled temporary memory.
 
+``--sweep`` instead times the blockwise path alone over candidate block
+sizes (how :data:`pallas_kernels.blockwise.DEFAULT_BLOCK_SIZES` was chosen),
+all candidates interleaved in each round.
+
 Usage::
 
     python -m benchmarks.attention_core [--quick] [--rounds R] [--out PATH]
+    python -m benchmarks.attention_core --sweep [--quick] [--rounds R]
 """
 
 from __future__ import annotations
@@ -126,6 +131,50 @@ def run(seq_lengths, rounds: int):
   return results
 
 
+# (block_q, block_k, block_q_bwd, block_k_bwd) candidates for --sweep.
+SWEEP_CANDIDATES = ((256, 256, 256, 256), (512, 256, 256, 512),
+                    (512, 512, 512, 512), (1024, 256, 256, 512),
+                    (1024, 256, 512, 512), (1024, 512, 512, 1024))
+
+
+def sweep(seq_lengths, rounds: int, candidates=SWEEP_CANDIDATES):
+  """Medians (ms) of the blockwise path per block-size candidate."""
+  rows = []
+  for T in seq_lengths:
+    rng_q, rng_k, rng_v, rng_o = jax.random.split(jax.random.key(T), 4)
+    q, k, v, d_out = (jax.random.normal(r, (B, T, N, H))
+                      for r in (rng_q, rng_k, rng_v, rng_o))
+    for backward in (False, True):
+      fns = {}
+      for causal in (False, True):
+        prep = common.prepare(q, k, v, causal=causal)
+        for c in candidates:
+          sizes = blockwise.BlockSizes(*c)
+          attention = (lambda q, k, v, prep=prep, sizes=sizes:
+                       blockwise.attention(q, k, v, prep,
+                                           block_sizes=sizes)[0])
+          fn = attention
+          if backward:
+            fn = jax.grad(lambda q, k, v, a=attention: jnp.sum(a(q, k, v) *
+                                                              d_out),
+                          (0, 1, 2))
+          fns[(causal, c)] = jax.jit(fn).lower(q, k, v).compile()
+      times = {key: [] for key in fns}
+      for fn in fns.values():  # warm-up
+        _time_once(fn, q, k, v)
+      for _ in range(rounds):
+        for key, fn in fns.items():
+          times[key].append(_time_once(fn, q, k, v))
+      for c in candidates:
+        full, causal = (statistics.median(times[(m, c)]) * 1e3
+                        for m in (False, True))
+        rows.append(dict(T=T, pass_="fwd+bwd" if backward else "fwd",
+                         block_sizes=c, full_ms=full, causal_ms=causal))
+        print(f"| {T} | {rows[-1]['pass_']} | {c} | {full:.1f} | "
+              f"{causal:.1f} | {causal / full:.2f} |", flush=True)
+  return rows
+
+
 _HEADER = ("| T | mask | pass | reference ms | blockwise ms | xla ms "
            "| ref/blockwise | xla/blockwise | blockwise GFLOP/s "
            "| matmul GFLOP/s | blockwise % of matmul "
@@ -153,9 +202,17 @@ def main(argv=None):
                       help="timed rounds per configuration (default 5, "
                       "quick 3)")
   parser.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
+  parser.add_argument("--sweep", action="store_true",
+                      help="time blockwise block-size candidates instead")
   args = parser.parse_args(argv)
   seq_lengths = QUICK_SEQ_LENGTHS if args.quick else SEQ_LENGTHS
   rounds = args.rounds or (3 if args.quick else 5)
+  if args.sweep:
+    print("| T | pass | (block_q, block_k, block_q_bwd, block_k_bwd) | full "
+          "ms | causal ms | causal / full |\n|---:|---|---|---:|---:|---:|",
+          flush=True)
+    sweep([t for t in seq_lengths if t >= 1024], rounds)
+    return
   print(f"jax {jax.__version__}, {jax.default_backend()}, "
         f"{os.cpu_count()} CPUs, fp32 B={B} N={N} H={H}; medians of "
         f"{rounds} interleaved rounds\n")
@@ -166,7 +223,7 @@ def main(argv=None):
     json.dump(dict(jax_version=jax.__version__,
                    backend=jax.default_backend(), cpu_count=os.cpu_count(),
                    machine=platform.processor() or platform.machine(),
-                   block_sizes=str(blockwise.BlockSizes()),
+                   block_sizes=str(blockwise.DEFAULT_BLOCK_SIZES),
                    results=results), f, indent=1)
   print(f"\nWrote {args.out}")
 

@@ -94,7 +94,11 @@ class Settings:
     max_tokens: a ``(B, T)`` point runs only if ``B * T`` is at most this
       (keeps the largest batches to the shorter sequences).
     D, N, H: model features, heads, head dim.
-    rounds: timed rounds per configuration.
+    rounds: timed rounds per configuration, at least; a configuration
+      whose round is short gets more, up to ``max_rounds`` or
+      ``round_budget_s`` of timed rounds (the short ones are the noisy
+      ones on a shared machine).
+    max_rounds, round_budget_s: see ``rounds``.
     min_sample_s: a timed sample repeats a call until it lasts this long.
     matmul_size: the ``M`` of the ``(M, M) @ (M, M)`` matmul-rate probe.
     max_run_gib: never run a program whose compiled estimate exceeds this
@@ -119,6 +123,8 @@ class Settings:
   N: int = shapes.LAYER_N
   H: int = shapes.LAYER_H
   rounds: int = 3
+  max_rounds: int = 15
+  round_budget_s: float = 20.0
   min_sample_s: float = 0.05
   matmul_size: int = 2048
   max_run_gib: float = 12.0
@@ -135,15 +141,15 @@ class Settings:
 
 
 FULL = Settings(name="full", seq_lengths=shapes.LAYER_SEQ_LENGTHS,
-                batches=shapes.LAYER_BATCHES, max_tokens=8192)
+                batches=shapes.LAYER_BATCHES, max_tokens=4096)
 QUICK = Settings(name="quick", seq_lengths=shapes.LAYER_QUICK_SEQ_LENGTHS,
                  batches=shapes.LAYER_BATCHES, max_tokens=4096,
                  sweep_run_max_t=16384, sweep_confirm=1)
 SMOKE = Settings(name="smoke", seq_lengths=shapes.LAYER_SMOKE_SEQ_LENGTHS,
                  batches=(1,), max_tokens=1 << 30, D=shapes.SMOKE_D,
-                 N=shapes.SMOKE_N, H=shapes.SMOKE_H, rounds=2,
+                 N=shapes.SMOKE_N, H=shapes.SMOKE_H, rounds=2, max_rounds=2,
                  min_sample_s=0.002, matmul_size=256, max_run_gib=1.0,
-                 sweep_start=256, sweep_cap=1024, sweep_limit_gib=1.0,
+                 sweep_start=256, sweep_cap=512, sweep_limit_gib=1.0,
                  sweep_run_max_t=512, sweep_confirm=1, sweep_timeout_s=120.0,
                  sweep_impls=(_DEFAULT,), cover_once=True)
 
@@ -448,6 +454,7 @@ def measure_config(settings: Settings, models: Models, impls, scope: str,
   paths = {causal: default_path(models, B, T, causal) for causal in causals}
   has_default = any(impl.name == _DEFAULT for impl in impls)
   entries, runners = {}, {}
+  round_s = 0.0  # the expected length of one timed round
   for causal in causals:
     path = paths[causal]
     for impl in impls:
@@ -469,23 +476,27 @@ def measure_config(settings: Settings, models: Models, impls, scope: str,
           entry["skipped"] = why
           continue
         call = functools.partial(compiled, *args)
-        first = _sample(call, 1)  # warm-up: allocation, first-touch
-        second = _sample(call, 1)
+        per_call = _sample(call, 1)  # warm-up: allocation, first-touch
+        if per_call < 1.0:
+          per_call = min(per_call, _sample(call, 1))
         reps = max(1, min(50, math.ceil(settings.min_sample_s /
-                                        max(min(first, second), 1e-6))))
+                                        max(per_call, 1e-6))))
         entry["reps"] = reps
         runners[key] = (call, reps)
+        round_s += reps * per_call
       except Exception as e:  # pylint: disable=broad-except
         entry["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         log(f"  {impl.name}: {entry['error']}")
   mm_compiled, mm_args = _matmul_program(settings.matmul_size)
   mm_call = functools.partial(mm_compiled, *mm_args)
-  _sample(mm_call, 1)
+  round_s += _sample(mm_call, 1)
   runners[_MATMUL] = (mm_call, 1)
 
+  rounds = max(settings.rounds, min(
+      settings.max_rounds, int(settings.round_budget_s / max(round_s, 1e-6))))
   times = {key: [] for key in runners}
   keys = list(runners)
-  for r in range(settings.rounds):
+  for r in range(rounds):
     shift = r % len(keys)
     for key in keys[shift:] + keys[:shift]:
       call, reps = runners[key]
@@ -520,7 +531,8 @@ def measure_config(settings: Settings, models: Models, impls, scope: str,
                          path=paths[causal])
     results.append({
         "scope": scope, "mode": mode, "mask": "causal" if causal else "full",
-        "B": B, "T": T, "default_path": paths[causal], "flops": work,
+        "B": B, "T": T, "rounds": rounds, "default_path": paths[causal],
+        "flops": work,
         "matmul_gflops": mm_rate, "matmul_gflops_rounds": mm_rates,
         "impls": out})
   return results
@@ -893,7 +905,9 @@ def markdown(result: dict) -> str:
       f"{env['cpu']}, {env['cores']} cores, jax {env['jax']}, keras "
       f"{env['keras']}, flax {env['flax']}, backend {env['backend']}.", "",
       f"N={s['N']}, H={s['H']}, D={s['D']}, fp32, self-attention (S=T). "
-      f"Times are medians of {s['rounds']} interleaved rounds (compile and "
+      f"Times are medians of {s['rounds']} to {s['max_rounds']} interleaved "
+      "rounds (more for short configurations; each round runs every "
+      "implementation and both masks once, order rotated; compile and "
       "warm-up excluded); `x Keras` is Keras's median time over this one's "
       "(>1: faster). GFLOP/s counts attention 4BNTSH (halved when causal) "
       "plus projections 2BTDNH x4 (layer only), backward 2x forward; "
@@ -920,8 +934,8 @@ def markdown(result: dict) -> str:
         title = "layer" if scope == "layer" else "attention core"
         lines += [f"## {title}, {'forward' if mode == 'fwd' else 'forward + backward'}, {mask} mask", "",
                   "| B | T | implementation | path | time ms | x Keras | "
-                  "GFLOP/s | % mm | mem MiB |",
-                  "|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+                  "GFLOP/s | % mm | mem MiB | rounds |",
+                  "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for c in rows:
           for name in order:
             e = c["impls"].get(name)
@@ -935,14 +949,14 @@ def markdown(result: dict) -> str:
               why = e.get("skipped") or e.get("error", "")
               lines.append(f"| {c['B']} | {c['T']} | {name} | {path} | "
                            f"{why[:80]} | | | | "
-                           f"{_fmt(mem and mem / _MIB, '.1f')} |")
+                           f"{_fmt(mem and mem / _MIB, '.1f')} | |")
               continue
             lines.append(
                 f"| {c['B']} | {c['T']} | {name} | {path} | "
                 f"{e['median_ms']:.1f} | "
                 f"{_fmt(e.get('speedup_vs_keras'), '.2f')} | "
                 f"{e['gflops']:.1f} | {e['pct_matmul']:.0f} | "
-                f"{_fmt(mem and mem / _MIB, '.1f')} |")
+                f"{_fmt(mem and mem / _MIB, '.1f')} | {c.get('rounds', '')} |")
         lines.append("")
   sw = result.get("sweep")
   if sw:

@@ -39,10 +39,15 @@ from pallas_kernels import api as kernel_api
 from pallas_kernels import common
 from pallas_kernels import reference
 
-# The blockwise path is the CPU default when max(T, S) reaches this length:
-# below it the fused path's single large matmul wins on this kind of CPU
-# (benchmarks/attention_core.py measures both).
-BLOCKWISE_MIN_LENGTH = 1024
+# The blockwise path is the CPU default when max(T, S) reaches this length.
+# Measured on a 2-core CPU (fp32, N=8, H=64, D=512, B=1 and 4; `python -m
+# benchmarks.compare --seq-lengths 32,64,128,256,512 --impls
+# keras,jaxmha[xla],jaxmha[xla_blockwise]`): from T=128 up the blockwise
+# layer beat both Keras and the fused path (1.05x to 1.6x Keras) in every
+# configuration, forward and forward+backward; below it the two paths and
+# Keras are within noise of each other (one block either way), and the fused
+# path is kept there because it is the simpler program.
+BLOCKWISE_MIN_LENGTH = 128
 
 
 @dataclasses.dataclass(frozen=True)

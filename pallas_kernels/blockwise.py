@@ -45,35 +45,59 @@ _F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Query and key block lengths of the blockwise path.
+  """Block lengths of the blockwise path, forward and backward.
 
-  The defaults were measured on a 2-core AVX-512 CPU (fp32, B=1, N=8,
-  H=64, T=S=2048 and 4096, block sizes 128 to 1024): 256 x 256 was the
-  fastest or within 5% of it for full and causal attention, forward and
-  backward. Larger blocks run each matmul faster, but their ``(N, block_q,
-  block_k)`` scores no longer fit in the per-core L2 cache between the
-  softmax passes, and causal attention wastes about ``block_q / 2`` keys per
-  row on the diagonal blocks. A block longer than the sequence is shortened
-  to it, and the blocks of a ragged sequence are balanced so that padding
-  stays below one row per block.
+  The forward loops over query blocks of ``block_q`` rows, each over key
+  blocks of ``block_k`` keys; the backward loops over key blocks of
+  ``block_k_bwd`` keys, each over query blocks of ``block_q_bwd`` rows. The
+  backward re-blocks its inputs, so the two need not agree.
+
+  The defaults were measured on a 2-core AVX-512 CPU (fp32, B=1, N=8, H=64,
+  T=S=1024 to 4096, full and causal; ``python -m benchmarks.attention_core
+  --sweep``): the CPU's batched matmuls run about twice as fast with 1024
+  rows as with 256, so the forward takes tall query blocks; the backward's
+  products contract over both rows and keys and prefer squarer blocks, and
+  its smaller query blocks waste fewer entries on the causal diagonal. A
+  block longer than the sequence is shortened to it, and the blocks of a
+  ragged sequence are balanced so that padding stays below one row per
+  block.
 
   Attributes:
-    block_q: query rows per block.
-    block_k: keys per block.
+    block_q, block_k: forward query rows and keys per block.
+    block_q_bwd, block_k_bwd: backward query rows and keys per block; None
+      for the forward's.
 
-  >>> BlockSizes(block_q=256, block_k=512)
-  BlockSizes(block_q=256, block_k=512)
+  >>> BlockSizes(block_q=256, block_k=512).backward
+  BlockSizes(block_q=256, block_k=512, block_q_bwd=None, block_k_bwd=None)
+  >>> DEFAULT_BLOCK_SIZES.backward
+  BlockSizes(block_q=256, block_k=512, block_q_bwd=None, block_k_bwd=None)
   """
 
-  block_q: int = 256
-  block_k: int = 256
+  block_q: int
+  block_k: int
+  block_q_bwd: Optional[int] = None
+  block_k_bwd: Optional[int] = None
 
   def __post_init__(self):
-    for name in ("block_q", "block_k"):
+    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
       value = getattr(self, name)
+      if value is None and name.endswith("_bwd"):
+        continue
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"BlockSizes.{name} must be a positive int. "
                          f"Received: {name}={value!r}")
+
+  @property
+  def backward(self) -> "BlockSizes":
+    """The backward's block lengths, as forward ones (what :func:`plan`
+    takes)."""
+    return BlockSizes(
+        self.block_q if self.block_q_bwd is None else self.block_q_bwd,
+        self.block_k if self.block_k_bwd is None else self.block_k_bwd)
+
+
+DEFAULT_BLOCK_SIZES = BlockSizes(block_q=1024, block_k=256, block_q_bwd=256,
+                                 block_k_bwd=512)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -125,12 +149,13 @@ def plan(spec: masks_lib.MaskSpec, T: int, S: int,
     has_data_mask: whether per-example masks apply (then every visited pair
       needs a mask).
 
-  >>> causal = plan(masks_lib.MaskSpec.causal(), 1024, 1024)
-  >>> full = plan(masks_lib.MaskSpec.full(), 1024, 1024)
+  >>> sizes = BlockSizes(block_q=256, block_k=256)
+  >>> causal = plan(masks_lib.MaskSpec.causal(), 1024, 1024, sizes)
+  >>> full = plan(masks_lib.MaskSpec.full(), 1024, 1024, sizes)
   >>> causal.num_visited, full.num_visited, len(causal.masked)
   (10, 16, 4)
   """
-  bs = block_sizes or BlockSizes()
+  bs = block_sizes or DEFAULT_BLOCK_SIZES
   bq, bk = _balanced(T, bs.block_q), _balanced(S, bs.block_k)
   nq, nk = _cdiv(T, bq), _cdiv(S, bk)
   unmasked, masked = [], []
@@ -208,8 +233,13 @@ def _kv_from_blocks(x, B: int, S: int, K: int):
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
-  """Everything about a call that shapes the computation (hashable)."""
+  """Everything about a call that shapes the computation (hashable).
+
+  ``plan`` is the plan of the pass at hand: the forward's, or in the
+  backward ``bwd_plan``.
+  """
   plan: BlockPlan
+  bwd_plan: BlockPlan
   spec: masks_lib.MaskSpec
   B: int
   K: int
@@ -278,18 +308,20 @@ def _block_live(blocks, st: _Static, qi, kj):
   return live
 
 
-def _to_block_layout(x, st: _Static, transposed: bool):
-  """``(#B, #K, bq, #G, bk)`` -> ``(B*K, bq*G, bk)``, or ``(B*K, bk, bq*G)``
-  when ``transposed``."""
-  p = st.plan
-  bq, bk, B, K, G = p.block_q, p.block_k, st.B, st.K, st.G
-  x = jnp.broadcast_to(x, (B, K, bq, G, bk))
+def _to_block_layout(x, st: _Static, rows: int, cols: int,
+                     transposed: bool):
+  """``(#B, #K, rows, #G, cols)`` -> ``(B*K, rows*G, cols)``, or ``(B*K,
+  cols, rows*G)`` when ``transposed``."""
+  B, K, G = st.B, st.K, st.G
+  x = jnp.broadcast_to(x, (B, K, rows, G, cols))
   if transposed:
-    return jnp.moveaxis(x, 4, 2).reshape(B * K, bk, bq * G)
-  return x.reshape(B * K, bq * G, bk)
+    return jnp.moveaxis(x, 4, 2).reshape(B * K, cols, rows * G)
+  return x.reshape(B * K, rows * G, cols)
 
 
-def _block_allowed(blocks, st: _Static, qi, kj, transposed: bool = False):
+def _block_allowed(blocks, st: _Static, qi, kj, transposed: bool = False,
+                   q_window: Optional[tuple[int, int]] = None,
+                   k_window: Optional[tuple[int, int]] = None):
   """The mask of block ``(qi, kj)``: band, key padding and the per-example
   masks ANDed.
 
@@ -297,41 +329,50 @@ def _block_allowed(blocks, st: _Static, qi, kj, transposed: bool = False):
     blocks: from :func:`_block_data`.
     qi, kj: traced block indices.
     transposed: keys first.
+    q_window, k_window: static ``[lo, hi)`` rows of the query block and keys
+      of the key block to cover; None for all.
 
   Returns:
-    ``(B*K, bq*G, bk)`` bool, or ``(B*K, bk, bq*G)`` if ``transposed``.
+    ``(B*K, rows*G, cols)`` bool, or ``(B*K, cols, rows*G)`` if
+    ``transposed``.
   """
   p = st.plan
-  bq, bk, B, K, G = p.block_q, p.block_k, st.B, st.K, st.G
-  q_pos = qi * bq + jnp.arange(bq, dtype=jnp.int32)  # (bq,)
-  k_pos = kj * bk + jnp.arange(bk, dtype=jnp.int32)  # (bk,)
-  # Built as (#B, #K, bq, #G, bk); size-1 dims broadcast.
+  bq, bk, K, G = p.block_q, p.block_k, st.K, st.G
+  r0, r1 = q_window or (0, bq)
+  c0, c1 = k_window or (0, bk)
+  rows, cols = r1 - r0, c1 - c0
+  q_pos = qi * bq + r0 + jnp.arange(rows, dtype=jnp.int32)  # (rows,)
+  k_pos = kj * bk + c0 + jnp.arange(cols, dtype=jnp.int32)  # (cols,)
+  # Built as (#B, #K, rows, #G, cols); size-1 dims broadcast.
   band = jnp.asarray(st.spec.allows(q_pos[:, None], k_pos[None, :]))
-  band = jnp.broadcast_to(band & (k_pos[None, :] < p.S), (bq, bk))
+  band = jnp.broadcast_to(band & (k_pos[None, :] < p.S), (rows, cols))
   allowed = band[None, None, :, None, :]
   if "q_ids" in blocks:
-    q_ids = lax.dynamic_index_in_dim(blocks["q_ids"], qi, 1, False)  # (B, bq)
-    kv_ids = lax.dynamic_index_in_dim(blocks["kv_ids"], kj, 1, False)
-    same = q_ids[:, :, None] == kv_ids[:, None, :]  # (B, bq, bk)
+    q_ids = lax.dynamic_index_in_dim(blocks["q_ids"], qi, 1, False)[:, r0:r1]
+    kv_ids = lax.dynamic_index_in_dim(blocks["kv_ids"], kj, 1,
+                                      False)[:, c0:c1]
+    same = q_ids[:, :, None] == kv_ids[:, None, :]  # (B, rows, cols)
     allowed = allowed & same[:, None, :, None, :]
   if "q_lengths" in blocks:
-    ok = q_pos[None, :] < blocks["q_lengths"][:, None]  # (B, bq)
+    ok = q_pos[None, :] < blocks["q_lengths"][:, None]  # (B, rows)
     allowed = allowed & ok[:, None, :, None, None]
   if "kv_lengths" in blocks:
-    ok = k_pos[None, :] < blocks["kv_lengths"][:, None]  # (B, bk)
+    ok = k_pos[None, :] < blocks["kv_lengths"][:, None]  # (B, cols)
     allowed = allowed & ok[:, None, None, None, :]
   if "mask" in blocks:
     mask = blocks["mask"]  # (#B, #N, Tp, Sp)
     mB, mN = mask.shape[:2]
-    mask = lax.dynamic_slice(mask, (0, 0, qi * bq, kj * bk),
-                             (mB, mN, bq, bk))  # (#B, #N, bq, bk)
+    mask = lax.dynamic_slice(mask, (0, 0, qi * bq + r0, kj * bk + c0),
+                             (mB, mN, rows, cols))  # (#B, #N, rows, cols)
     mK, mG = (K, G) if mN > 1 else (1, 1)
-    mask = mask.reshape(mB, mK, mG, bq, bk).transpose(0, 1, 3, 2, 4)
-    allowed = allowed & mask  # (#B, #K, bq, #G, bk)
-  return _to_block_layout(allowed, st, transposed)
+    mask = mask.reshape(mB, mK, mG, rows, cols).transpose(0, 1, 3, 2, 4)
+    allowed = allowed & mask  # (#B, #K, rows, #G, cols)
+  return _to_block_layout(allowed, st, rows, cols, transposed)
 
 
-def _block_keep(seeds, st: _Static, qi, kj, transposed: bool = False):
+def _block_keep(seeds, st: _Static, qi, kj, transposed: bool = False,
+                q_window: Optional[tuple[int, int]] = None,
+                k_window: Optional[tuple[int, int]] = None):
   """The dropout keep mask of block ``(qi, kj)``, laid out as
   :func:`_block_allowed`'s.
 
@@ -340,47 +381,194 @@ def _block_keep(seeds, st: _Static, qi, kj, transposed: bool = False):
   """
   p = st.plan
   bq, bk, B, K, G = p.block_q, p.block_k, st.B, st.K, st.G
+  r0, r1 = q_window or (0, bq)
+  c0, c1 = k_window or (0, bk)
   b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None, None]
   n = (jnp.arange(K, dtype=jnp.int32)[None, :, None, None, None] * G
        + jnp.arange(G, dtype=jnp.int32)[None, None, None, :, None])
-  i = qi * bq + jnp.arange(bq, dtype=jnp.int32)[None, None, :, None, None]
-  h_row = dropout_lib.row_hash(seeds, b, n, i)  # (B, K, bq, G, 1)
-  j = kj * bk + jnp.arange(bk, dtype=jnp.int32)
-  bits = dropout_lib.bits_from_row(h_row, j, seeds[1])  # (B, K, bq, G, bk)
+  i = (qi * bq + r0
+       + jnp.arange(r1 - r0, dtype=jnp.int32)[None, None, :, None, None])
+  h_row = dropout_lib.row_hash(seeds, b, n, i)  # (B, K, rows, G, 1)
+  j = kj * bk + c0 + jnp.arange(c1 - c0, dtype=jnp.int32)
+  bits = dropout_lib.bits_from_row(h_row, j, seeds[1])  # (B, K, rows, G, cols)
   keep = bits >= dropout_lib.threshold(st.dropout_rate)
-  return _to_block_layout(keep, st, transposed)
+  return _to_block_layout(keep, st, r1 - r0, c1 - c0, transposed)
 
 
-# -- forward and backward -----------------------------------------------------
+# -- the schedule: which block pairs, and which parts of them, to compute -----
+
+def _window_step(block: int) -> int:
+  """Partial block pairs are cut along their outer block (rows in the
+  forward, keys in the backward) at multiples of this many positions: an
+  eighth of the block, between 8 and 64."""
+  return max(8, min(64, block // 8))
+
+# At most this many kinds of partial pair get their own windowed updates (each
+# kind is one more copy of the update in the program); past it, partial pairs
+# are computed whole, with a mask.
+_MAX_SLOTS = 8
 
 
-def _inner_ranges(the_plan: BlockPlan, by_q: bool) -> np.ndarray:
-  """Per outer block, the inner blocks to visit as ``(lo, a, b, hi)``.
+@dataclasses.dataclass(frozen=True)
+class _Window:
+  """Outer positions ``[lo, hi)`` of a block pair that one update covers."""
+  lo: int
+  hi: int
+  masked: bool
 
-  The outer blocks are query blocks (``by_q``) or key blocks. Inner blocks
-  ``[lo, a)`` and ``[b, hi)`` need a mask, ``[a, b)`` need none. For a band
-  the visited blocks of a row (or column) of blocks are contiguous and the
-  unmasked ones a contiguous run inside them, so three ranges describe them.
+
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+  """How one pass (forward: by query block; backward: by key block) visits
+  the block pairs of its plan.
+
+  For a band, the inner blocks an outer block visits are contiguous, and
+  those the band allows entirely form a run inside them. That run is the
+  main loop: whole blocks, no mask (unless per-example masks apply). The
+  *partial* pairs on either side of it (the causal diagonal, the edges of a
+  window, key padding) are where the work is wasted if computed whole: a
+  query block of 1024 rows on the causal diagonal attends only some keys of
+  each key block, and many of its rows all of them. So each partial pair is
+  cut along the outer block into windows (positions that attend nothing are
+  skipped, those the band allows entirely run unmasked, the rest masked).
+  Pairs cut alike form a *slot*; every outer block has at most one pair per
+  slot, at the inner block ``table[outer, slot]`` (-1: none).
+
+  Attributes:
+    ranges: ``(n_outer, 4)`` int32 ``(lo, a, b, hi)``: inner blocks ``[a,
+      b)`` form the main loop, ``[lo, a)`` and ``[b, hi)`` are partial.
+    slots: per slot, its windows; None when there would be too many slots
+      (then partial pairs run whole and masked, in one loop).
+    table: ``(n_outer, len(slots))`` int32, or None.
+    main_masked: whether the main loop needs a mask (per-example masks).
   """
-  n_outer = the_plan.num_q_blocks if by_q else the_plan.num_k_blocks
-  sets = [([], []) for _ in range(n_outer)]
-  for kind, pairs in enumerate((the_plan.masked, the_plan.unmasked)):
-    for i, j in pairs:
-      outer, inner = (i, j) if by_q else (j, i)
-      sets[outer][kind].append(inner)
+  ranges: np.ndarray
+  slots: Optional[tuple[tuple[_Window, ...], ...]]
+  table: Optional[np.ndarray]
+  main_masked: bool
+
+
+def _schedule(st: _Static, by_q: bool, has_data_mask: bool) -> _Schedule:
+  """The :class:`_Schedule` of ``st.plan`` for the forward (``by_q``) or the
+  backward."""
+  p, spec = st.plan, st.spec
+  bq, bk = p.block_q, p.block_k
+  n_outer = p.num_q_blocks if by_q else p.num_k_blocks
+  b_outer = bq if by_q else bk
+  len_outer = p.T if by_q else p.S
+  step = _window_step(b_outer)
+
+  def extent(i, j):
+    """Real positions of block pair (i, j): padding is never attended."""
+    return i * bq, min((i + 1) * bq, p.T), j * bk, min((j + 1) * bk, p.S)
+
+  main, partial = ([[] for _ in range(n_outer)] for _ in range(2))
+  for i, j in sorted(p.masked + p.unmasked):
+    o, n = (i, j) if by_q else (j, i)
+    k_padded = (j + 1) * bk > p.S
+    if not k_padded and spec.block_fully_allowed(*extent(i, j)):
+      main[o].append(n)
+    else:
+      partial[o].append(n)
+
   ranges = np.zeros((n_outer, 4), np.int32)
-  for o, (masked, unmasked) in enumerate(sets):
-    visited = sorted(masked + unmasked)
+  for o in range(n_outer):
+    visited = sorted(main[o] + partial[o])
     if not visited:
       continue
     lo, hi = visited[0], visited[-1] + 1
-    a = b = hi
-    if unmasked:
-      a, b = min(unmasked), max(unmasked) + 1
-    if (len(visited) != hi - lo or len(unmasked) != b - a):
+    a, b = (min(main[o]), max(main[o]) + 1) if main[o] else (hi, hi)
+    if len(visited) != hi - lo or len(main[o]) != b - a:
       raise AssertionError(f"Non-contiguous block plan for block {o}.")
     ranges[o] = lo, a, b, hi
-  return ranges
+
+  def windows(o, n):
+    """The windows of partial pair (outer o, inner n)."""
+    i, j = (o, n) if by_q else (n, o)
+    q_lo, q_hi, k_lo, k_hi = extent(i, j)
+    # Padded keys must be masked in the forward, where they are the inner
+    # block; in the backward they are outer positions whose gradients are
+    # dropped, and (being zero) they add nothing to dQ: no mask needed.
+    k_padded = by_q and (j + 1) * bk > p.S
+    steps = []  # per step: 0 attends nothing, 1 some, 2 everything
+    for lo in range(0, b_outer, step):
+      x_lo = o * b_outer + lo
+      x_hi = min(x_lo + step, (o + 1) * b_outer, len_outer)
+      if x_hi <= x_lo:  # padding only
+        steps.append(0)
+        continue
+      ext = (x_lo, x_hi, k_lo, k_hi) if by_q else (q_lo, q_hi, x_lo, x_hi)
+      if not spec.block_may_attend(*ext):
+        steps.append(0)
+      elif not k_padded and spec.block_fully_allowed(*ext):
+        steps.append(2)
+      else:
+        steps.append(1)
+    need = [u for u, c in enumerate(steps) if c]
+    full = [u for u, c in enumerate(steps) if c == 2]
+    n_lo, n_hi = need[0], need[-1] + 1
+    if not full or (full[0] != n_lo and full[-1] + 1 != n_hi):
+      full = []  # none, or inside the masked ones: cover all, masked
+    masked = [u for u in range(n_lo, n_hi) if u not in full]
+    to_pos = lambda u: min(u * step, b_outer)
+    out = []
+    for us, is_masked in ((masked, True), (full, False)):
+      if us:
+        out.append(_Window(to_pos(us[0]), to_pos(us[-1] + 1),
+                           is_masked or has_data_mask))
+    return tuple(sorted(out, key=lambda w: w.lo))
+
+  slots, rows = {}, []
+  for o in range(n_outer):
+    row = {}
+    for n in partial[o]:
+      key = windows(o, n)
+      s = slots.setdefault(key, len(slots))
+      if s in row:  # two pairs alike in one outer block: no slots
+        slots = None
+        break
+      row[s] = n
+    if slots is None or len(slots) > _MAX_SLOTS:
+      return _Schedule(ranges, None, None, has_data_mask)
+    rows.append(row)
+  table = np.full((n_outer, len(slots)), -1, np.int32)
+  for o, row in enumerate(rows):
+    for s, n in row.items():
+      table[o, s] = n
+  return _Schedule(ranges, tuple(slots), table, has_data_mask)
+
+
+def _run_schedule(sched: _Schedule, o, body, carry):
+  """Runs one outer block ``o``'s updates: ``body(inner, window, carry)``
+  with ``window`` None (the whole pair) or a :class:`_Window`, and a static
+  ``masked`` flag (see :func:`_schedule`)."""
+  ranges = jnp.asarray(sched.ranges)[o]
+  lo, a, b, hi = ranges[0], ranges[1], ranges[2], ranges[3]
+  carry = lax.fori_loop(
+      a, b, lambda n, c: body(n, None, sched.main_masked, c), carry)
+  if sched.slots is None:
+    # Partial pairs whole: both sides in one loop (one copy of the body).
+    n_before = a - lo
+
+    def partial_body(t, c):
+      n = jnp.where(t < n_before, lo + t, b + t - n_before)
+      return body(n, None, True, c)
+
+    return lax.fori_loop(0, n_before + hi - b, partial_body, carry)
+  table = jnp.asarray(sched.table)[o]
+  for s, windows in enumerate(sched.slots):
+    n = table[s]
+
+    def run_slot(c, n=n, windows=windows):
+      for w in windows:
+        c = body(n, w, w.masked, c)
+      return c
+
+    carry = lax.cond(n >= 0, run_slot, lambda c: c, carry)
+  return carry
+
+
+# -- forward and backward -----------------------------------------------------
 
 
 def _mm(a, b, contract_a: int, contract_b: int, dtype):
@@ -388,25 +576,6 @@ def _mm(a, b, contract_a: int, contract_b: int, dtype):
   dims = (((contract_a,), (contract_b,)), ((0,), (0,)))
   return lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
                          preferred_element_type=_F32)
-
-
-def _loop_ranges(the_plan, ranges, body, carry):
-  """Runs ``body(masked, inner, carry)`` over one outer block's ranges.
-
-  The two masked ranges share one loop (one copy of the masked body in the
-  program); loops of a kind the plan never uses are not traced at all.
-  """
-  lo, a, b, hi = ranges[0], ranges[1], ranges[2], ranges[3]
-  if the_plan.masked:
-    n_before = a - lo
-
-    def masked_body(t, c):
-      return body(True, jnp.where(t < n_before, lo + t, b + t - n_before), c)
-
-    carry = lax.fori_loop(0, n_before + hi - b, masked_body, carry)
-  if the_plan.unmasked:
-    carry = lax.fori_loop(a, b, functools.partial(body, False), carry)
-  return carry
 
 
 def _anchor(*trees):
@@ -435,6 +604,21 @@ def _prescale(st: _Static, qb):
   return qb, scale
 
 
+def _window_slice(x, axis: int, window: Optional[_Window], G: int = 1):
+  """``x``'s positions ``[window.lo, window.hi)`` (times ``G`` rows each)
+  along ``axis``; all of ``x`` for None."""
+  if window is None:
+    return x
+  return lax.slice_in_dim(x, window.lo * G, window.hi * G, axis=axis)
+
+
+def _window_update(x, new, axis: int, window: Optional[_Window], G: int = 1):
+  """``x`` with its window along ``axis`` replaced by ``new``."""
+  if window is None:
+    return new
+  return lax.dynamic_update_slice_in_dim(x, new, window.lo * G, axis=axis)
+
+
 def _forward(st: _Static, qb, kb, vb, blocks, seeds):
   """Online softmax, query blocks outside, key blocks inside.
 
@@ -447,56 +631,64 @@ def _forward(st: _Static, qb, kb, vb, blocks, seeds):
   """
   dtype = qb.dtype
   nq, BK, R, _ = qb.shape
+  G = st.G
   Hv = vb.shape[-1]
   rate = st.dropout_rate
   qb, logit_scale = _prescale(st, qb)
-  ranges = jnp.asarray(_inner_ranges(st.plan, by_q=True))  # (nq, 4)
+  sched = _schedule(st, by_q=True, has_data_mask=bool(blocks))
   anchor = _anchor(qb, kb, vb, blocks, seeds)
 
-  def step(qi, q, masked, kj, carry):
+  def step(qi, q, kj, window, masked, carry):
     if masked and blocks:
       # Skip blocks the per-example masks rule out (the state is unchanged
       # by a block with no allowed entry).
       return lax.cond(_block_live(blocks, st, qi, kj),
-                      functools.partial(update, qi, q, True, kj),
+                      functools.partial(update, qi, q, kj, window, masked),
                       lambda c: c, carry)
-    return update(qi, q, masked, kj, carry)
+    return update(qi, q, kj, window, masked, carry)
 
-  def update(qi, q, masked, kj, carry):
-    m_prev, l_prev, acc_prev = carry  # (BK, R), (BK, R), (BK, R, Hv)
+  def update(qi, q, kj, window, masked, carry):
+    rows = None if window is None else (window.lo, window.hi)
+    m_all, l_all, acc_all = carry  # (BK, R), (BK, R), (BK, R, Hv)
+    m_prev, l_prev, acc_prev = (_window_slice(x, 1, window, G)
+                                for x in carry)
+    q = _window_slice(q, 1, window, G)  # (BK, rows*G, H)
     k = lax.dynamic_index_in_dim(kb, kj, 0, False)  # (BK, bk, H)
     v = lax.dynamic_index_in_dim(vb, kj, 0, False)  # (BK, bk, Hv)
-    s = _mm(q, k, 2, 2, dtype)  # (BK, R, bk)
+    s = _mm(q, k, 2, 2, dtype)  # (BK, rows*G, bk)
     if logit_scale != 1.0:
       s = s * logit_scale
     if masked:
-      allowed = _block_allowed(blocks, st, qi, kj)
+      allowed = _block_allowed(blocks, st, qi, kj, q_window=rows)
       s = jnp.where(allowed, s, masks_lib.MASK_VALUE)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))  # (BK, R)
-    p = jnp.exp(s - m_new[..., None])  # (BK, R, bk)
-    if masked:
-      # A row with nothing allowed yet has m_new == MASK_VALUE, so its
-      # masked entries would get exp(0) == 1: zero them explicitly.
-      p = jnp.where(allowed, p, 0.0)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))  # (BK, rows*G)
+    # A row with nothing allowed yet has m_new == MASK_VALUE, so its masked
+    # entries get exp(0) == 1 here. No pass zeroes them: the first allowed
+    # entry raises the max and alpha == exp(MASK_VALUE - m) == 0 wipes them
+    # out, and a row that never sees one is empty and is zeroed at the end.
+    p = jnp.exp(s - m_new[..., None])  # (BK, rows*G, bk)
     # Rescale the old state to the new max (exp(MASK_VALUE - m) == 0).
     alpha = jnp.exp(m_prev - m_new)
     l_new = alpha * l_prev + jnp.sum(p, axis=-1)
     if rate > 0.0:
       # l_i sums the probabilities before dropout; 1 / (1 - rate) is applied
       # once at the end.
-      p = jnp.where(_block_keep(seeds, st, qi, kj), p, 0.0)
+      p = jnp.where(_block_keep(seeds, st, qi, kj, q_window=rows), p, 0.0)
     acc_new = alpha[..., None] * acc_prev + _mm(p, v, 2, 1, dtype)
-    return m_new, l_new, acc_new
+    return (_window_update(m_all, m_new, 1, window, G),
+            _window_update(l_all, l_new, 1, window, G),
+            _window_update(acc_all, acc_new, 1, window, G))
 
   def q_block(_, xs):
-    qi, q, r = xs
+    qi, q = xs
     carry = (_fresh(anchor, (BK, R), masks_lib.MASK_VALUE),
              _fresh(anchor, (BK, R)), _fresh(anchor, (BK, R, Hv)))
-    m_i, l_i, acc = _loop_ranges(st.plan, r, functools.partial(step, qi, q),
-                                 carry)
-    # Rows that attended nothing have l_i == 0: zero output and the
-    # empty-row LSE, set explicitly (never 0 / 0 or log 0).
-    nonempty = l_i > 0.0
+    m_i, l_i, acc = _run_schedule(sched, qi, functools.partial(step, qi, q),
+                                  carry)
+    # Rows that attended nothing kept m_i == MASK_VALUE (and l_i == 0, or
+    # the count of masked entries seen): zero output and the empty-row LSE,
+    # set explicitly.
+    nonempty = m_i > masks_lib.MASK_VALUE
     safe_l = jnp.where(nonempty, l_i, 1.0)
     # Kept probabilities are scaled by 1 / (1 - rate); the LSE ignores
     # dropout.
@@ -506,8 +698,8 @@ def _forward(st: _Static, qb, kb, vb, blocks, seeds):
                     masks_lib.EMPTY_ROW_LSE)
     return None, (out, lse)
 
-  _, (out, lse) = lax.scan(
-      q_block, None, (jnp.arange(nq, dtype=jnp.int32), qb, ranges))
+  _, (out, lse) = lax.scan(q_block, None,
+                           (jnp.arange(nq, dtype=jnp.int32), qb))
   return out, lse
 
 
@@ -526,48 +718,58 @@ def _backward(st: _Static, qb, kb, vb, blocks, seeds, out, lse, d_out,
   qb, logit_scale = _prescale(st, qb)
   # D - dlse per row, (nq, BK, R): the LSE's cotangent enters dS like -D.
   delta = jnp.sum(d_out * out, axis=-1) - d_lse
-  ranges = jnp.asarray(_inner_ranges(st.plan, by_q=False))  # (nk, 4)
+  sched = _schedule(st, by_q=False, has_data_mask=bool(blocks))
   anchor = _anchor(qb, kb, vb, blocks, seeds, out, lse, d_out, d_lse)
 
-  def contributions(kj, k, v, masked, qi):
-    """Block ``(qi, kj)``'s terms of dQ^T, dK and dV.
+  def contributions(kj, k, v, window, masked, qi):
+    """Block ``(qi, kj)``'s terms of dQ^T, dK and dV (the latter for the
+    keys of ``window``).
 
     Computed keys-first (``S^T = K Q^T``) so that dK and dV, the products
     summed over queries, are plain matmuls; on CPU a matmul contracting its
     left operand's leading dim runs at about half speed.
     """
+    cols = None if window is None else (window.lo, window.hi)
+    k = _window_slice(k, 1, window)  # (BK, cols, H)
+    v = _window_slice(v, 1, window)  # (BK, cols, Hv)
     q = lax.dynamic_index_in_dim(qb, qi, 0, False)  # (BK, R, H)
     do = lax.dynamic_index_in_dim(d_out, qi, 0, False)  # (BK, R, Hv)
     lse_i = lax.dynamic_index_in_dim(lse, qi, 0, False)  # (BK, R)
     delta_i = lax.dynamic_index_in_dim(delta, qi, 0, False)
-    s_t = _mm(k, q, 2, 2, dtype)  # (BK, bk, R)
+    s_t = _mm(k, q, 2, 2, dtype)  # (BK, cols, R)
     if logit_scale != 1.0:
       s_t = s_t * logit_scale
     p_t = jnp.exp(s_t - lse_i[:, None, :])
     if masked:
       # Masked entries, and every entry of an empty row (lse ==
       # EMPTY_ROW_LSE), get probability zero.
-      p_t = jnp.where(_block_allowed(blocks, st, qi, kj, True), p_t, 0.0)
-    dp_t = _mm(v, do, 2, 2, dtype)  # (BK, bk, R)
+      p_t = jnp.where(
+          _block_allowed(blocks, st, qi, kj, True, k_window=cols), p_t, 0.0)
+    dp_t = _mm(v, do, 2, 2, dtype)  # (BK, cols, R)
     pz_t = p_t
     if rate > 0.0:
-      keep = _block_keep(seeds, st, qi, kj, True)
+      keep = _block_keep(seeds, st, qi, kj, True, k_window=cols)
       pz_t = jnp.where(keep, p_t * (1.0 / (1.0 - rate)), 0.0)
       dp_t = jnp.where(keep, dp_t * (1.0 / (1.0 - rate)), 0.0)
-    ds_t = p_t * (dp_t - delta_i[:, None, :])  # (BK, bk, R), unscaled
+    ds_t = p_t * (dp_t - delta_i[:, None, :])  # (BK, cols, R), unscaled
     # q is prescaled (or logit_scale is applied to dK below), so dS^T q
     # carries the one factor of the scale that dK needs.
     return (_mm(k, ds_t, 1, 1, dtype),  # dQ^T: (BK, H, R)
-            _mm(ds_t, q, 2, 1, dtype),  # dK: (BK, bk, H)
-            _mm(pz_t, do, 2, 1, dtype))  # dV: (BK, bk, Hv)
+            _mm(ds_t, q, 2, 1, dtype),  # dK: (BK, cols, H)
+            _mm(pz_t, do, 2, 1, dtype))  # dV: (BK, cols, Hv)
 
-  def step(kj, k, v, masked, qi, carry):
+  def step(kj, k, v, qi, window, masked, carry):
     dq_all, dk, dv = carry  # (nq, BK, H, R), (BK, bk, H), (BK, bk, Hv)
     dq_i = lax.dynamic_index_in_dim(dq_all, qi, 0, False)  # (BK, H, R)
 
     def update(state):
-      dq_c, dk_c, dv_c = contributions(kj, k, v, masked, qi)
-      return state[0] + dq_c, state[1] + dk_c, state[2] + dv_c
+      dq_i, dk, dv = state
+      dq_c, dk_c, dv_c = contributions(kj, k, v, window, masked, qi)
+      return (dq_i + dq_c,
+              _window_update(dk, _window_slice(dk, 1, window) + dk_c, 1,
+                             window),
+              _window_update(dv, _window_slice(dv, 1, window) + dv_c, 1,
+                             window))
 
     if masked and blocks:
       # Skip blocks the per-example masks rule out. Only block-sized values
@@ -579,40 +781,77 @@ def _backward(st: _Static, qb, kb, vb, blocks, seeds, out, lse, d_out,
     return lax.dynamic_update_index_in_dim(dq_all, dq_i, qi, 0), dk, dv
 
   def k_block(dq_all, xs):
-    kj, k, v, r = xs
+    kj, k, v = xs
     carry = (dq_all, _fresh(anchor, k.shape), _fresh(anchor, v.shape))
-    dq_all, dk, dv = _loop_ranges(st.plan, r,
-                                  functools.partial(step, kj, k, v), carry)
+    dq_all, dk, dv = _run_schedule(
+        sched, kj,
+        lambda qi, window, masked, c: step(kj, k, v, qi, window, masked, c),
+        carry)
     return dq_all, (dk * logit_scale, dv)
 
   nq, BK, R, H = qb.shape
   dq_t, (dk, dv) = lax.scan(
       k_block, _fresh(anchor, (nq, BK, H, R)),
-      (jnp.arange(nk, dtype=jnp.int32), kb, vb, ranges))
+      (jnp.arange(nk, dtype=jnp.int32), kb, vb))
   return jnp.swapaxes(dq_t, 2, 3) * st.scale, dk, dv
 
 
+def _run_forward(st: _Static, q, k, v, data, seeds):
+  """Blocks the inputs with the forward plan and runs :func:`_forward`.
+
+  Returns:
+    ``out (B, T, N, Hv)`` float32 and ``lse (B, N, T)``.
+  """
+  p = st.plan
+  qb = _q_to_blocks(q, st.K, p.num_q_blocks, p.block_q)
+  kb = _kv_to_blocks(k, p.num_k_blocks, p.block_k)
+  vb = _kv_to_blocks(v, p.num_k_blocks, p.block_k)
+  out, lse = _forward(st, qb, kb, vb, _block_data(data, st), seeds)
+  return (_q_from_blocks(out, st.B, p.T, st.K, st.G),
+          _rows_from_blocks(lse, st.B, p.T, st.K, st.G))
+
+
+def _rows_to_blocks(x, K: int, nq: int, bq: int):
+  """Per-row ``(B, N, T)`` -> ``(nq, B*K, bq*G)``."""
+  return _q_to_blocks(jnp.swapaxes(x, 1, 2)[..., None], K, nq, bq)[..., 0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention_blocks(st: _Static, qb, kb, vb, blocks, seeds):
-  return _forward(st, qb, kb, vb, blocks, seeds)
+def _attention(st: _Static, q, k, v, data, seeds):
+  return _run_forward(st, q, k, v, data, seeds)
 
 
-def _attention_blocks_fwd(st, qb, kb, vb, blocks, seeds):
-  out, lse = _forward(st, qb, kb, vb, blocks, seeds)
-  return (out, lse), (qb, kb, vb, blocks, seeds, out, lse)
+def _attention_fwd(st, q, k, v, data, seeds):
+  out, lse = _run_forward(st, q, k, v, data, seeds)
+  return (out, lse), (q, k, v, data, seeds, out, lse)
 
 
-def _attention_blocks_bwd(st, residuals, cotangents):
-  qb, kb, vb, blocks, seeds, out, lse = residuals
+def _attention_bwd(st, residuals, cotangents):
+  """Re-blocks everything with the backward plan and runs
+  :func:`_backward`."""
+  q, k, v, data, seeds, out, lse = residuals
   d_out, d_lse = cotangents
-  dq, dk, dv = _backward(st, qb, kb, vb, blocks, seeds, out, lse,
-                         d_out.astype(_F32), d_lse.astype(_F32))
+  sb = dataclasses.replace(st, plan=st.bwd_plan)
+  p = sb.plan
+  nq, bq, nk, bk = p.num_q_blocks, p.block_q, p.num_k_blocks, p.block_k
+  dq, dk, dv = _backward(
+      sb, _q_to_blocks(q, st.K, nq, bq), _kv_to_blocks(k, nk, bk),
+      _kv_to_blocks(v, nk, bk), _block_data(data, sb), seeds,
+      _q_to_blocks(out, st.K, nq, bq),
+      # Empty rows: their LSE is finite (EMPTY_ROW_LSE) and every one of
+      # their entries is masked, so their probabilities are zero.
+      _rows_to_blocks(lse, st.K, nq, bq),
+      _q_to_blocks(d_out.astype(_F32), st.K, nq, bq),
+      _rows_to_blocks(d_lse.astype(_F32), st.K, nq, bq))
+  dq = _q_from_blocks(dq, st.B, p.T, st.K, st.G)
+  dk = _kv_from_blocks(dk, st.B, p.S, st.K)
+  dv = _kv_from_blocks(dv, st.B, p.S, st.K)
   # Integer and boolean inputs (masks, seeds) get no cotangent.
-  return (dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype),
-          jax.tree.map(lambda _: None, blocks), None)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          jax.tree.map(lambda _: None, data), None)
 
 
-_attention_blocks.defvjp(_attention_blocks_fwd, _attention_blocks_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention(q, k, v, prep: common.Prepared, *,
@@ -642,25 +881,22 @@ def attention(q, k, v, prep: common.Prepared, *,
   """
   del interpret
   if block_sizes is None:
-    block_sizes = BlockSizes()
+    block_sizes = DEFAULT_BLOCK_SIZES
   if not isinstance(block_sizes, BlockSizes):
     raise TypeError("`block_sizes` for backend='xla' must be a "
                     "pallas_kernels.blockwise.BlockSizes or None; got "
                     f"{type(block_sizes).__name__}.")
   pr = prep.problem
-  B, T, S, K, G = pr.B, pr.T, pr.S, pr.K, pr.groups
-  the_plan = plan(prep.spec, T, S, block_sizes,
-                  has_data_mask=not prep.data.is_empty)
-  st = _Static(plan=the_plan, spec=prep.spec, B=B, K=K, G=G,
-               scale=prep.scale, dropout_rate=prep.dropout_rate)
+  has_data_mask = not prep.data.is_empty
+  st = _Static(
+      plan=plan(prep.spec, pr.T, pr.S, block_sizes,
+                has_data_mask=has_data_mask),
+      bwd_plan=plan(prep.spec, pr.T, pr.S, block_sizes.backward,
+                    has_data_mask=has_data_mask),
+      spec=prep.spec, B=pr.B, K=pr.K, G=pr.groups, scale=prep.scale,
+      dropout_rate=prep.dropout_rate)
   # Matmuls run in the inputs' common dtype with fp32 accumulation.
   dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-  nq, bq = the_plan.num_q_blocks, the_plan.block_q
-  nk, bk = the_plan.num_k_blocks, the_plan.block_k
-  qb = _q_to_blocks(q.astype(dtype), K, nq, bq)
-  kb = _kv_to_blocks(k.astype(dtype), nk, bk)
-  vb = _kv_to_blocks(v.astype(dtype), nk, bk)
-  blocks = _block_data(prep.data, st)
-  out, lse = _attention_blocks(st, qb, kb, vb, blocks, prep.seeds)
-  out = _q_from_blocks(out, B, T, K, G).astype(q.dtype)
-  return out, _rows_from_blocks(lse, B, T, K, G)
+  out, lse = _attention(st, q.astype(dtype), k.astype(dtype),
+                        v.astype(dtype), prep.data, prep.seeds)
+  return out.astype(q.dtype), lse

@@ -50,10 +50,18 @@ def attention_core(q, k, v, prep: common.Prepared, *, q_offset=0,
   """
   p_ = prep.problem
   B, T, N, K, G = p_.B, p_.T, p_.N, p_.K, p_.groups
-  qf = q.astype(jnp.float32).reshape(B, T, K, G, p_.H)
-  logits = jnp.einsum("btkgh,bskh->bkgts", qf, k.astype(jnp.float32),
-                      precision=precision)
-  logits = logits.reshape(B, N, T, p_.S) * prep.scale  # (B, N, T, S)
+  # Scaling the (T, H) queries is cheaper than scaling the (T, S) logits.
+  qf = q.astype(jnp.float32) * prep.scale
+  if G == 1:
+    # The plain MHA einsum lets XLA produce the scores in their final layout
+    # (a grouped one makes CPU XLA transpose the whole (T, S) array).
+    logits = jnp.einsum("btnh,bsnh->bnts", qf, k.astype(jnp.float32),
+                        precision=precision)
+  else:
+    logits = jnp.einsum("btkgh,bskh->bkgts",
+                        qf.reshape(B, T, K, G, p_.H), k.astype(jnp.float32),
+                        precision=precision)
+  logits = logits.reshape(B, N, T, p_.S)  # (B, N, T, S)
   allowed = masks_lib.dense_mask(prep.spec, prep.data, B, N, T, p_.S,
                                  q_offset, kv_offset)  # (#B, #N, T, S)
   logits = jnp.where(allowed, logits, masks_lib.MASK_VALUE)
@@ -72,9 +80,12 @@ def attention_core(q, k, v, prep: common.Prepared, *, q_offset=0,
     keep = dropout_lib.keep_mask_block(prep.seeds, prep.dropout_rate, B, N, T,
                                        p_.S, q_offset, kv_offset)
     weights = jnp.where(keep, probs / (1.0 - prep.dropout_rate), 0.0)
-  weights = weights.reshape(B, K, G, T, p_.S)
-  out = jnp.einsum("bkgts,bskh->btkgh", weights, v.astype(jnp.float32),
-                   precision=precision)
+  if G == 1:
+    out = jnp.einsum("bnts,bsnh->btnh", weights, v.astype(jnp.float32),
+                     precision=precision)
+  else:
+    out = jnp.einsum("bkgts,bskh->btkgh", weights.reshape(B, K, G, T, p_.S),
+                     v.astype(jnp.float32), precision=precision)
   out = out.reshape(B, T, N, p_.Hv).astype(q.dtype)
   if return_probs:
     return out, lse, probs

@@ -73,7 +73,9 @@ def test_sliding_window_visits_blocks_linear_in_T():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_plan_matches_the_dense_band(seed):
+def test_plan_matches_the_dense_band(seed, monkeypatch):
+  # Windows of 4 positions, so small blocks are cut too.
+  monkeypatch.setattr(blockwise, "_window_step", lambda block: 4)
   rng = np.random.default_rng(seed)
   for _ in range(50):
     T, S = (int(x) for x in rng.integers(1, 90, size=2))
@@ -95,8 +97,54 @@ def test_plan_matches_the_dense_band(seed):
       assert blocks[i, real_rows[i], j].all()
     for i, j in p.masked:
       assert not blocks[i, real_rows[i], j].all()
-    for by_q in (True, False):  # the ranges the loops run over exist
-      blockwise._inner_ranges(p, by_q)
+    for by_q in (True, False):
+      for data in (False, True):
+        _check_schedule(p, spec, dense, by_q, data)
+
+
+def _check_schedule(p, spec, dense, by_q, has_data_mask):
+  """Every allowed entry is computed exactly once; unmasked updates hold
+  allowed entries only (and, in the forward, no padded key)."""
+  st = blockwise._Static(plan=p, bwd_plan=p, spec=spec, B=1, K=1, G=1,
+                         scale=1.0, dropout_rate=0.0)
+  sched = blockwise._schedule(st, by_q, has_data_mask)
+  bq, bk = p.block_q, p.block_k
+  count = np.zeros(dense.shape, int)
+  unmasked = np.zeros(dense.shape, bool)
+  n_outer = p.num_q_blocks if by_q else p.num_k_blocks
+  b_outer = bq if by_q else bk
+
+  def visit(o, n, window, masked):
+    i, j = (o, n) if by_q else (n, o)
+    rows = slice(i * bq, (i + 1) * bq)
+    cols = slice(j * bk, (j + 1) * bk)
+    if window is not None:
+      pos = slice(o * b_outer + window.lo, o * b_outer + window.hi)
+      rows, cols = (pos, cols) if by_q else (rows, pos)
+    count[rows, cols] += 1
+    if not masked:
+      unmasked[rows, cols] = True
+
+  for o in range(n_outer):
+    lo, a, b, hi = sched.ranges[o]
+    for n in range(a, b):
+      visit(o, n, None, sched.main_masked)
+    if sched.slots is None:
+      for n in list(range(lo, a)) + list(range(b, hi)):
+        visit(o, n, None, True)
+      continue
+    for s, windows in enumerate(sched.slots):
+      n = sched.table[o, s]
+      if n >= 0:
+        assert lo <= n < a or b <= n < hi
+        for w in windows:
+          visit(o, n, w, w.masked)
+  T, S = p.T, p.S
+  np.testing.assert_array_equal(count[:T, :S][dense[:T, :S]], 1)
+  assert not has_data_mask or not unmasked.any()
+  assert dense[:T, :S][unmasked[:T, :S]].all()
+  if by_q:  # forward: a padded key is never unmasked
+    assert not unmasked[:T, S:].any()
 
 
 def test_data_masks_need_masked_blocks():
@@ -170,9 +218,34 @@ def test_default_blocks(T, S):
       assert_close(g, r, GRAD)
 
 
+@pytest.mark.parametrize("mask", ["causal_window", "all"])
+def test_backward_blocks_differ_from_forward(mask):
+  # Tall forward blocks, wide backward ones: the backward re-blocks q, out,
+  # lse and the masks with its own plan.
+  sizes = blockwise.BlockSizes(block_q=48, block_k=16, block_q_bwd=16,
+                               block_k_bwd=40)
+  shape = AttentionShape(B=2, T=100, S=100, N=4, K=2, H=16, Hv=8)
+  q, k, v, kw = make_inputs(Case(shape, mask))
+  causal = kw.pop("causal", False)
+  fn = lambda q, k, v: pallas_kernels.flash_attention(
+      q, k, v, causal=causal, backend="xla", block_sizes=sizes,
+      dropout_rate=0.25, dropout_rng=jax.random.key(3), **kw)
+  ref = lambda q, k, v: reference_attention(
+      q, k, v, causal=causal, dropout_rate=0.25,
+      dropout_rng=jax.random.key(3), **kw)
+  assert_close(jax.jit(fn)(q, k, v), ref(q, k, v), FORWARD)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  grads = jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
+  ref_grads = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
+  for g, r in zip(grads, ref_grads):
+    assert_close(g, r, GRAD)
+
+
 def test_block_sizes_are_validated():
   with pytest.raises(ValueError, match="block_q"):
-    blockwise.BlockSizes(block_q=0)
+    blockwise.BlockSizes(block_q=0, block_k=8)
+  with pytest.raises(ValueError, match="block_k_bwd"):
+    blockwise.BlockSizes(block_q=8, block_k=8, block_k_bwd=-1)
   q = jnp.zeros((1, 8, 1, 8))
   with pytest.raises(TypeError, match="BlockSizes"):
     pallas_kernels.flash_attention(q, q, q, backend="xla",
