@@ -895,6 +895,40 @@ def _fmt(x, spec):
   return "" if x is None else format(x, spec)
 
 
+def summary(result: dict) -> str:
+  """One markdown table: per scope, B and T, jaxmha's speedup over Keras
+  (forward and forward+backward, full and causal masks) and its causal /
+  full time ratio (medians of per-round ratios)."""
+  configs = result["configs"]
+  lines = ["| scope | B | T | path | fwd full | fwd causal | fwd+bwd full | "
+           "fwd+bwd causal | causal/full fwd | causal/full fwd+bwd |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+  keys = sorted({(c["scope"], c["B"], c["T"]) for c in configs},
+                key=lambda k: (SCOPES.index(k[0]), k[1], k[2]))
+  for scope, B, T in keys:
+    found = {(c["mode"], c["mask"]): c for c in configs
+             if (c["scope"], c["B"], c["T"]) == (scope, B, T)}
+    cells, ratios, path = [], [], ""
+    for mode in MODES:
+      for mask in MASKS:
+        e = found.get((mode, mask), {}).get("impls", {}).get(_DEFAULT, {})
+        sp = e.get("speedup_vs_keras")
+        cells.append(f"{sp:.2f}x" if sp else "")
+        path = path or found.get((mode, mask), {}).get("default_path", "")
+      full = found.get((mode, "full"), {}).get("impls", {}).get(_DEFAULT, {})
+      causal = found.get((mode, "causal"), {}).get("impls", {}).get(
+          _DEFAULT, {})
+      if "times_ms" in full and "times_ms" in causal:
+        ratio = np.median(np.asarray(causal["times_ms"]) /
+                          np.asarray(full["times_ms"]))
+        ratios.append(f"{ratio:.2f}")
+      else:
+        ratios.append("")
+    lines.append(f"| {scope} | {B} | {T} | {path} | " + " | ".join(cells) +
+                 " | " + " | ".join(ratios) + " |")
+  return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
   s = result["settings"]
   env = result["environment"]
@@ -922,6 +956,8 @@ def markdown(result: dict) -> str:
   for c in result["checks"]:
     lines.append(f"| {c['name']} | **{c['status']}** | {c['detail']} |")
   lines.append("")
+  if result["configs"]:
+    lines += ["## Summary", "", summary(result), ""]
   configs = result["configs"]
   order = _impl_order(configs)
   for scope in SCOPES:
@@ -1124,8 +1160,16 @@ def main(argv=None) -> dict:
                       help="skip the longest-trainable-sequence sweep")
   parser.add_argument("--sweep-only", action="store_true",
                       help="only the sweep (the grid is skipped)")
+  parser.add_argument("--summary", metavar="JSON",
+                      help="print the summary table of an earlier run's "
+                      "compare.json and exit")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.summary:
+    with open(args.summary) as f:
+      result = json.load(f)
+    print(summary(result))
+    return result
   if args.worker:
     try:
       result = worker(json.loads(args.worker))
@@ -1175,12 +1219,12 @@ def main(argv=None) -> dict:
       for c in measure_config(settings, models, impls, scope, mode, B, T,
                               causals, log):
         configs.append(c)
-        summary = ", ".join(
+        timings = ", ".join(
             f"{n}={e['median_ms']:.1f}" for n, e in c["impls"].items()
             if "median_ms" in e and "alias_of" not in e)
         sp = c["impls"].get(_DEFAULT, {}).get("speedup_vs_keras")
         log(f"{scope} {mode} {c['mask']} B={B} T={T} "
-            f"[{c['default_path']}]: {summary} ms; jaxmha x{_fmt(sp, '.2f')}"
+            f"[{c['default_path']}]: {timings} ms; jaxmha x{_fmt(sp, '.2f')}"
             f" vs keras; matmul {c['matmul_gflops']:.1f} GFLOP/s")
   sweep_results = None
   if not args.no_sweep:

@@ -151,8 +151,8 @@ class BlockwisePath:
     p = req.prep.problem
     if forced_path() != self.name and max(p.T, p.S) < BLOCKWISE_MIN_LENGTH:
       raise NotImplementedError(
-          f"short sequences (T={p.T}, S={p.S} < {BLOCKWISE_MIN_LENGTH}): the "
-          "fused XLA path is faster")
+          f"short sequences (T={p.T}, S={p.S} < {BLOCKWISE_MIN_LENGTH}) go "
+          "to the fused XLA path")
 
   def run(self, req: Request):
     from pallas_kernels import blockwise  # pylint: disable=g-import-not-at-top

@@ -16,10 +16,15 @@ probabilities from the saved log-sum-exp. Nothing of size ``T x S`` is ever
 stored, so memory is linear in the sequence lengths.
 
 Pairs the band (causal, sliding window) rules out are not in the plan at
-all, so causal attention does about half the work of full attention. Pairs
-the band allows entirely, with no per-example mask, run a body with no mask
-code. Per-example masks (segments, lengths, dense) are evaluated per block,
-and a block they rule out for every example is skipped at run time.
+all. Pairs the band allows entirely, with no per-example mask, run a body
+with no mask code. The partial pairs in between (the causal diagonal, the
+edges of a window) are cut along the outer block into windows: positions
+that attend nothing are skipped, those the band allows entirely run without
+a mask, and only the rest pay for one (:func:`_schedule`). So the forward's
+tall query blocks waste little on the causal diagonal, and causal attention
+does a little over half the work of full attention. Per-example masks
+(segments, lengths, dense) are evaluated per block, and a block they rule
+out for every example is skipped at run time.
 
 It runs on any backend and is the CPU default for long sequences.
 """
