@@ -25,6 +25,13 @@ def make_keras_layer(query, value, key=None, **kwargs):
   """
   layer = keras.layers.MultiHeadAttention(**kwargs)
   layer(query, value, key, return_attention_scores=True)  # builds
+  return copy_built_layer(layer)
+
+
+def copy_built_layer(layer):
+  """``(layer, cfg, params)``: a built Keras attention layer with its biases
+  randomised (Keras initialises them to zero, and tests should see them),
+  and jaxmha's copy of it."""
   rng = np.random.default_rng(0)
   for w in layer.weights:
     if w.path.endswith("bias"):
@@ -90,6 +97,16 @@ def keras_grads(layer, query, value, key=None, cotangent=None, **call_kwargs):
   for (sub, leaf), g in zip(names, grads[0]):
     params.setdefault(sub, {})[leaf] = np.asarray(g)
   return params, tuple(np.asarray(g) for g in grads[1:])
+
+
+def assert_grads_close(grads, expected_params, expected_inputs):
+  """``grads = (param_grads, *input_grads)`` against :func:`keras_grads`."""
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4,
+                                                       rtol=1e-4),
+               grads[0], expected_params)
+  assert len(grads) - 1 == len(expected_inputs)
+  for g, e in zip(grads[1:], expected_inputs):
+    np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
 
 
 def naive_mha(params, query, value, key, allowed, use_gate=False):

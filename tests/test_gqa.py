@@ -21,7 +21,8 @@ import pytest
 from flax import nnx
 
 import jaxmha
-from tests.keras_reference import keras_grads
+from tests.keras_reference import (assert_grads_close, copy_built_layer,
+                                   keras_grads)
 from tests.tolerances import KERAS
 
 
@@ -29,12 +30,7 @@ def _keras_gqa(query, value, key=None, **kwargs):
   """A built Keras GQA layer (random biases) and jaxmha's copy of it."""
   layer = keras.layers.GroupQueryAttention(**kwargs)
   layer(query, value, key)  # builds
-  rng = np.random.default_rng(0)
-  for w in layer.weights:
-    if w.path.endswith("bias"):
-      w.assign(rng.normal(size=w.shape).astype("float32") * 0.1)
-  cfg, params = jaxmha.from_keras(layer)
-  return layer, cfg, params
+  return copy_built_layer(layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +153,7 @@ def test_gradients_match_keras_gqa():
     return jnp.sum(out * cotangent)
 
   grads = jax.grad(loss, argnums=(0, 1, 2, 3))(params, q, v, k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4,
-                                                       rtol=1e-4),
-               grads[0], expected_params)
-  for g, e in zip(grads[1:], expected_inputs):
-    np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
+  assert_grads_close(grads, expected_params, expected_inputs)
 
 
 def test_from_keras_to_keras_round_trip_gqa():

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jaxmha
-from tests.keras_reference import (keras_call, keras_grads, make_keras_layer)
+from tests.keras_reference import (assert_grads_close, keras_call, keras_grads,
+                                   make_keras_layer)
 from tests.tolerances import KERAS
 
 
@@ -173,11 +174,7 @@ def test_gradients_match_keras(case: ParityCase):
   inputs = (q, v) if k is None else (q, v, k)
   grads = jax.grad(loss, argnums=tuple(range(len(inputs) + 1)))(
       params, *inputs)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4,
-                                                       rtol=1e-4),
-               grads[0], expected_params)
-  for g, e in zip(grads[1:], expected_inputs):
-    np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
+  assert_grads_close(grads, expected_params, expected_inputs)
 
 
 def test_from_keras_to_keras_round_trip():
