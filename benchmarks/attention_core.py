@@ -55,22 +55,25 @@ DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results",
                            "attention_core.json")
 
 
-def _attention_fn(impl: str, prep: common.Prepared, causal: bool):
-  """``(q, k, v) -> out (B, T, N, H)`` for one implementation."""
+def _attention_fn(impl: str, prep: common.Prepared, causal: bool,
+                  block_sizes=None):
+  """``(q, k, v) -> out (B, T, N, H)`` for one implementation
+  (``block_sizes``: the blockwise path's, None for its defaults)."""
   if impl == "reference":
     return lambda q, k, v: reference.attention_core(
         q, k, v, prep, precision=lax.Precision.DEFAULT)[0]
   if impl == "blockwise":
-    return lambda q, k, v: blockwise.attention(q, k, v, prep)[0]
+    return lambda q, k, v: blockwise.attention(
+        q, k, v, prep, block_sizes=block_sizes)[0]
   if impl == "xla":
     return lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="xla")
   raise ValueError(f"Unknown implementation {impl!r}.")
 
 
-def _compiled(impl, q, k, v, d_out, causal, backward):
+def _compiled(impl, q, k, v, d_out, causal, backward, block_sizes=None):
   prep = common.prepare(q, k, v, causal=causal)
-  attention = _attention_fn(impl, prep, causal)
+  attention = _attention_fn(impl, prep, causal, block_sizes)
   fn = attention
   if backward:
     loss = lambda q, k, v: jnp.sum(attention(q, k, v) * d_out)
@@ -145,20 +148,9 @@ def sweep(seq_lengths, rounds: int, candidates=SWEEP_CANDIDATES):
     q, k, v, d_out = (jax.random.normal(r, (B, T, N, H))
                       for r in (rng_q, rng_k, rng_v, rng_o))
     for backward in (False, True):
-      fns = {}
-      for causal in (False, True):
-        prep = common.prepare(q, k, v, causal=causal)
-        for c in candidates:
-          sizes = blockwise.BlockSizes(*c)
-          attention = (lambda q, k, v, prep=prep, sizes=sizes:
-                       blockwise.attention(q, k, v, prep,
-                                           block_sizes=sizes)[0])
-          fn = attention
-          if backward:
-            fn = jax.grad(lambda q, k, v, a=attention: jnp.sum(a(q, k, v) *
-                                                              d_out),
-                          (0, 1, 2))
-          fns[(causal, c)] = jax.jit(fn).lower(q, k, v).compile()
+      fns = {(causal, c): _compiled("blockwise", q, k, v, d_out, causal,
+                                    backward, blockwise.BlockSizes(*c))
+             for causal in (False, True) for c in candidates}
       times = {key: [] for key in fns}
       for fn in fns.values():  # warm-up
         _time_once(fn, q, k, v)

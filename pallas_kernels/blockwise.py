@@ -455,7 +455,12 @@ class _Schedule:
 
 def _schedule(st: _Static, by_q: bool, has_data_mask: bool) -> _Schedule:
   """The :class:`_Schedule` of ``st.plan`` for the forward (``by_q``) or the
-  backward."""
+  backward.
+
+  ``st.plan`` is planned for the band alone (``has_data_mask=False``): its
+  unmasked pairs form the main loop, and ``has_data_mask`` puts the mask
+  back into every update.
+  """
   p, spec = st.plan, st.spec
   bq, bk = p.block_q, p.block_k
   n_outer = p.num_q_blocks if by_q else p.num_k_blocks
@@ -468,13 +473,10 @@ def _schedule(st: _Static, by_q: bool, has_data_mask: bool) -> _Schedule:
     return i * bq, min((i + 1) * bq, p.T), j * bk, min((j + 1) * bk, p.S)
 
   main, partial = ([[] for _ in range(n_outer)] for _ in range(2))
-  for i, j in sorted(p.masked + p.unmasked):
-    o, n = (i, j) if by_q else (j, i)
-    k_padded = (j + 1) * bk > p.S
-    if not k_padded and spec.block_fully_allowed(*extent(i, j)):
-      main[o].append(n)
-    else:
-      partial[o].append(n)
+  for pairs, lists in ((p.unmasked, main), (p.masked, partial)):
+    for i, j in sorted(pairs):
+      o, n = (i, j) if by_q else (j, i)
+      lists[o].append(n)
 
   ranges = np.zeros((n_outer, 4), np.int32)
   for o in range(n_outer):
@@ -892,12 +894,11 @@ def attention(q, k, v, prep: common.Prepared, *,
                     "pallas_kernels.blockwise.BlockSizes or None; got "
                     f"{type(block_sizes).__name__}.")
   pr = prep.problem
-  has_data_mask = not prep.data.is_empty
+  # Planned for the band alone: the per-example masks are applied by the
+  # schedule (see _schedule).
   st = _Static(
-      plan=plan(prep.spec, pr.T, pr.S, block_sizes,
-                has_data_mask=has_data_mask),
-      bwd_plan=plan(prep.spec, pr.T, pr.S, block_sizes.backward,
-                    has_data_mask=has_data_mask),
+      plan=plan(prep.spec, pr.T, pr.S, block_sizes),
+      bwd_plan=plan(prep.spec, pr.T, pr.S, block_sizes.backward),
       spec=prep.spec, B=pr.B, K=pr.K, G=pr.groups, scale=prep.scale,
       dropout_rate=prep.dropout_rate)
   # Matmuls run in the inputs' common dtype with fp32 accumulation.
