@@ -14,6 +14,7 @@ from jaxmha import regularizers
 from tests.keras_reference import keras, make_keras_layer
 
 KERNEL_SHAPE = (64, 8, 32)  # (D, N, H): fan_in = 512, fan_out = 2048
+UNBOUNDED = ("random_normal", "orthogonal")  # untruncated normal entries
 
 
 @pytest.mark.parametrize("name", [
@@ -23,12 +24,22 @@ KERNEL_SHAPE = (64, 8, 32)  # (D, N, H): fan_in = 512, fan_out = 2048
 def test_initializer_distribution_matches_keras(name):
   ours = np.asarray(initializers.get(name)(jax.random.key(0), KERNEL_SHAPE,
                                            jnp.float32))
+  # Keras draws from its global seed, whose state depends on which tests ran
+  # before in this worker: seed it, so the test is reproducible.
+  keras.utils.set_random_seed(0)
   theirs = np.asarray(keras.initializers.get(name)(KERNEL_SHAPE))
   assert ours.shape == theirs.shape
   np.testing.assert_allclose(ours.mean(), 0.0, atol=3e-3)
   np.testing.assert_allclose(ours.std(), theirs.std(), rtol=0.03)
-  np.testing.assert_allclose(np.abs(ours).max(), np.abs(theirs).max(),
-                             rtol=0.1)
+  # Same truncation: the share of entries past two standard deviations
+  # (4.6% untruncated, 3.4% truncated at 2 sigma, 0 uniform).
+  tail = lambda x: np.mean(np.abs(x) > 2 * x.std())
+  np.testing.assert_allclose(tail(ours), tail(theirs), atol=0.005)
+  if name not in UNBOUNDED:
+    # Bounded draws reach the same bound. (The max of an unbounded draw of
+    # this size varies by more than 10% between samples.)
+    np.testing.assert_allclose(np.abs(ours).max(), np.abs(theirs).max(),
+                               rtol=0.1)
 
 
 def test_glorot_variance_uses_keras_fans():
