@@ -21,7 +21,7 @@ and 14 H forward plus backward. The machine's matmul rate is a plain fp32
 timed in the same rounds. ``temp MB`` is XLA's compiled temporary memory.
 
 ``--sweep`` instead times the blockwise path alone over candidate block
-sizes (how :data:`pallas_kernels.blockwise.DEFAULT_BLOCK_SIZES` was chosen),
+sizes (how :func:`pallas_kernels.blockwise.default_block_sizes` was chosen),
 all candidates interleaved in each round.
 
 Usage::
@@ -136,7 +136,8 @@ def run(seq_lengths, rounds: int):
 
 # (block_q, block_k, block_q_bwd, block_k_bwd) candidates for --sweep.
 SWEEP_CANDIDATES = ((256, 256, 256, 256), (512, 256, 256, 512),
-                    (512, 512, 512, 512), (1024, 256, 256, 512),
+                    (512, 512, 256, 512), (512, 512, 512, 512),
+                    (1024, 256, 256, 512),
                     (1024, 256, 512, 512), (1024, 512, 512, 1024))
 
 
@@ -216,6 +217,8 @@ def main(argv=None):
                    backend=jax.default_backend(), cpu_count=os.cpu_count(),
                    machine=platform.processor() or platform.machine(),
                    block_sizes=str(blockwise.DEFAULT_BLOCK_SIZES),
+                   banded_block_sizes=str(
+                       blockwise.DEFAULT_BANDED_BLOCK_SIZES),
                    results=results), f, indent=1)
   print(f"\nWrote {args.out}")
 

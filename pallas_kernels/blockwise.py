@@ -18,11 +18,11 @@ stored, so memory is linear in the sequence lengths.
 Pairs the band (causal, sliding window) rules out are not in the plan at
 all. Pairs the band allows entirely, with no per-example mask, run a body
 with no mask code. The partial pairs in between (the causal diagonal, the
-edges of a window) are cut along the outer block into windows: positions
-that attend nothing are skipped, those the band allows entirely run without
-a mask, and only the rest pay for one (:func:`_schedule`). So the forward's
-tall query blocks waste little on the causal diagonal, and causal attention
-does a little over half the work of full attention. Per-example masks
+edges of a window) form each outer block's edge, cut into chunks of outer
+positions: each chunk visits only the inner positions it may attend, those
+it attends entirely in one unmasked piece and only about a chunk's width
+with a mask (:func:`_schedule`). So causal attention computes the triangle
+plus half a chunk per row, whatever the block sizes. Per-example masks
 (segments, lengths, dense) are evaluated per block, and a block they rule
 out for every example is skipped at run time.
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Optional
 
@@ -57,15 +58,16 @@ class BlockSizes:
   ``block_k_bwd`` keys, each over query blocks of ``block_q_bwd`` rows. The
   backward re-blocks its inputs, so the two need not agree.
 
-  The defaults were measured on a 2-core AVX-512 CPU (fp32, B=1, N=8, H=64,
-  T=S=1024 to 4096, full and causal; ``python -m benchmarks.attention_core
-  --sweep``): the CPU's batched matmuls run about twice as fast with 1024
-  rows as with 256, so the forward takes tall query blocks; the backward's
-  products contract over both rows and keys and prefer squarer blocks, and
-  its smaller query blocks waste fewer entries on the causal diagonal. A
-  block longer than the sequence is shortened to it, and the blocks of a
-  ragged sequence are balanced so that padding stays below one row per
-  block.
+  The defaults (:func:`default_block_sizes`) were measured on a 2-core
+  AVX-512 CPU (fp32, B=1, N=8, H=64, T=S=1024 to 4096, full and causal;
+  ``python -m benchmarks.attention_core --sweep``): the CPU's batched
+  matmuls run about twice as fast with 1024 rows as with 256, so full
+  attention's forward takes tall query blocks; under a band (causal, a
+  window) squarer 512 x 512 blocks leave smaller edges to cut. The
+  backward's products contract over both rows and keys and prefer squarer
+  blocks either way. A block longer than the sequence is shortened to it,
+  and the blocks of a ragged sequence are balanced so that padding stays
+  below one row per block.
 
   Attributes:
     block_q, block_k: forward query rows and keys per block.
@@ -103,6 +105,18 @@ class BlockSizes:
 
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=1024, block_k=256, block_q_bwd=256,
                                  block_k_bwd=512)
+DEFAULT_BANDED_BLOCK_SIZES = BlockSizes(block_q=512, block_k=512,
+                                        block_q_bwd=256, block_k_bwd=512)
+
+
+def default_block_sizes(spec: masks_lib.MaskSpec) -> BlockSizes:
+  """The block sizes used when none are given: :data:`DEFAULT_BLOCK_SIZES`
+  for full attention, :data:`DEFAULT_BANDED_BLOCK_SIZES` under a band.
+
+  >>> default_block_sizes(masks_lib.MaskSpec.causal()).block_q
+  512
+  """
+  return DEFAULT_BLOCK_SIZES if spec.is_full else DEFAULT_BANDED_BLOCK_SIZES
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -150,7 +164,7 @@ def plan(spec: masks_lib.MaskSpec, T: int, S: int,
   Args:
     spec: the band.
     T, S: query and key lengths.
-    block_sizes: None for the defaults.
+    block_sizes: None for the defaults (:func:`default_block_sizes`).
     has_data_mask: whether per-example masks apply (then every visited pair
       needs a mask).
 
@@ -160,7 +174,7 @@ def plan(spec: masks_lib.MaskSpec, T: int, S: int,
   >>> causal.num_visited, full.num_visited, len(causal.masked)
   (10, 16, 4)
   """
-  bs = block_sizes or DEFAULT_BLOCK_SIZES
+  bs = block_sizes or default_block_sizes(spec)
   bq, bk = _balanced(T, bs.block_q), _balanced(S, bs.block_k)
   nq, nk = _cdiv(T, bq), _cdiv(S, bk)
   unmasked, masked = [], []
@@ -233,7 +247,7 @@ def _kv_from_blocks(x, B: int, S: int, K: int):
   return x.reshape(B, nk * bk, K, H)[:, :S]
 
 
-# -- masks and dropout of one block -----------------------------------------
+# -- masks and dropout of a range of positions ----------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,11 +268,11 @@ class _Static:
 
 
 def _block_data(data: masks_lib.MaskData, st: _Static):
-  """Pads and blocks the per-example masks so one block is one index.
+  """Pads the per-example masks to whole blocks.
 
   Also summarises each block for the run-time skip test (see
-  :func:`_block_live`). Padded keys are masked by position, so the padding
-  values themselves never matter.
+  :func:`_block_live`). Padded positions are masked by position or never
+  visited, so the padding values themselves never matter.
   """
   p = st.plan
   nq, nk, bq, bk = p.num_q_blocks, p.num_k_blocks, p.block_q, p.block_k
@@ -269,9 +283,9 @@ def _block_data(data: masks_lib.MaskData, st: _Static):
     q_ids = jnp.pad(data.q_segment_ids, ((0, 0), (0, Tp - p.T)), mode="edge")
     kv_ids = jnp.pad(data.kv_segment_ids, ((0, 0), (0, Sp - p.S)),
                      mode="edge")
+    out["q_ids"], out["kv_ids"] = q_ids, kv_ids  # (B, Tp), (B, Sp)
     q_ids = q_ids.reshape(st.B, nq, bq)
     kv_ids = kv_ids.reshape(st.B, nk, bk)
-    out["q_ids"], out["kv_ids"] = q_ids, kv_ids
     out["q_id_range"] = (q_ids.min(-1), q_ids.max(-1))  # (B, nq) each
     out["kv_id_range"] = (kv_ids.min(-1), kv_ids.max(-1))  # (B, nk) each
   if data.q_lengths is not None:
@@ -324,38 +338,32 @@ def _to_block_layout(x, st: _Static, rows: int, cols: int,
   return x.reshape(B * K, rows * G, cols)
 
 
-def _block_allowed(blocks, st: _Static, qi, kj, transposed: bool = False,
-                   q_window: Optional[tuple[int, int]] = None,
-                   k_window: Optional[tuple[int, int]] = None):
-  """The mask of block ``(qi, kj)``: band, key padding and the per-example
-  masks ANDed.
+def _allowed(blocks, st: _Static, q0, rows: int, k0, cols: int,
+             transposed: bool = False):
+  """The mask of queries ``[q0, q0 + rows)`` against keys ``[k0, k0 +
+  cols)``: band, key padding and the per-example masks ANDed.
 
   Args:
     blocks: from :func:`_block_data`.
-    qi, kj: traced block indices.
+    q0, k0: traced first positions; the ranges lie inside the padded
+      lengths.
+    rows, cols: static counts.
     transposed: keys first.
-    q_window, k_window: static ``[lo, hi)`` rows of the query block and keys
-      of the key block to cover; None for all.
 
   Returns:
     ``(B*K, rows*G, cols)`` bool, or ``(B*K, cols, rows*G)`` if
     ``transposed``.
   """
-  p = st.plan
-  bq, bk, K, G = p.block_q, p.block_k, st.K, st.G
-  r0, r1 = q_window or (0, bq)
-  c0, c1 = k_window or (0, bk)
-  rows, cols = r1 - r0, c1 - c0
-  q_pos = qi * bq + r0 + jnp.arange(rows, dtype=jnp.int32)  # (rows,)
-  k_pos = kj * bk + c0 + jnp.arange(cols, dtype=jnp.int32)  # (cols,)
+  K, G = st.K, st.G
+  q_pos = q0 + jnp.arange(rows, dtype=jnp.int32)  # (rows,)
+  k_pos = k0 + jnp.arange(cols, dtype=jnp.int32)  # (cols,)
   # Built as (#B, #K, rows, #G, cols); size-1 dims broadcast.
   band = jnp.asarray(st.spec.allows(q_pos[:, None], k_pos[None, :]))
-  band = jnp.broadcast_to(band & (k_pos[None, :] < p.S), (rows, cols))
+  band = jnp.broadcast_to(band & (k_pos[None, :] < st.plan.S), (rows, cols))
   allowed = band[None, None, :, None, :]
   if "q_ids" in blocks:
-    q_ids = lax.dynamic_index_in_dim(blocks["q_ids"], qi, 1, False)[:, r0:r1]
-    kv_ids = lax.dynamic_index_in_dim(blocks["kv_ids"], kj, 1,
-                                      False)[:, c0:c1]
+    q_ids = lax.dynamic_slice_in_dim(blocks["q_ids"], q0, rows, 1)
+    kv_ids = lax.dynamic_slice_in_dim(blocks["kv_ids"], k0, cols, 1)
     same = q_ids[:, :, None] == kv_ids[:, None, :]  # (B, rows, cols)
     allowed = allowed & same[:, None, :, None, :]
   if "q_lengths" in blocks:
@@ -367,7 +375,7 @@ def _block_allowed(blocks, st: _Static, qi, kj, transposed: bool = False,
   if "mask" in blocks:
     mask = blocks["mask"]  # (#B, #N, Tp, Sp)
     mB, mN = mask.shape[:2]
-    mask = lax.dynamic_slice(mask, (0, 0, qi * bq + r0, kj * bk + c0),
+    mask = lax.dynamic_slice(mask, (0, 0, q0, k0),
                              (mB, mN, rows, cols))  # (#B, #N, rows, cols)
     mK, mG = (K, G) if mN > 1 else (1, 1)
     mask = mask.reshape(mB, mK, mG, rows, cols).transpose(0, 1, 3, 2, 4)
@@ -375,50 +383,53 @@ def _block_allowed(blocks, st: _Static, qi, kj, transposed: bool = False,
   return _to_block_layout(allowed, st, rows, cols, transposed)
 
 
-def _block_keep(seeds, st: _Static, qi, kj, transposed: bool = False,
-                q_window: Optional[tuple[int, int]] = None,
-                k_window: Optional[tuple[int, int]] = None):
-  """The dropout keep mask of block ``(qi, kj)``, laid out as
-  :func:`_block_allowed`'s.
+def _keep(seeds, st: _Static, q0, rows: int, k0, cols: int,
+          transposed: bool = False):
+  """The dropout keep mask of queries ``[q0, q0 + rows)`` against keys
+  ``[k0, k0 + cols)``, laid out as :func:`_allowed`'s.
 
   Absolute indices (batch, query head, query, key) go into the hash, so the
   bits are the reference's.
   """
-  p = st.plan
-  bq, bk, B, K, G = p.block_q, p.block_k, st.B, st.K, st.G
-  r0, r1 = q_window or (0, bq)
-  c0, c1 = k_window or (0, bk)
+  B, K, G = st.B, st.K, st.G
   b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None, None]
   n = (jnp.arange(K, dtype=jnp.int32)[None, :, None, None, None] * G
        + jnp.arange(G, dtype=jnp.int32)[None, None, None, :, None])
-  i = (qi * bq + r0
-       + jnp.arange(r1 - r0, dtype=jnp.int32)[None, None, :, None, None])
+  i = q0 + jnp.arange(rows, dtype=jnp.int32)[None, None, :, None, None]
   h_row = dropout_lib.row_hash(seeds, b, n, i)  # (B, K, rows, G, 1)
-  j = kj * bk + c0 + jnp.arange(c1 - c0, dtype=jnp.int32)
+  j = k0 + jnp.arange(cols, dtype=jnp.int32)
   bits = dropout_lib.bits_from_row(h_row, j, seeds[1])  # (B, K, rows, G, cols)
   keep = bits >= dropout_lib.threshold(st.dropout_rate)
-  return _to_block_layout(keep, st, r1 - r0, c1 - c0, transposed)
+  return _to_block_layout(keep, st, rows, cols, transposed)
 
 
 # -- the schedule: which block pairs, and which parts of them, to compute -----
 
-def _window_step(block: int) -> int:
-  """Partial block pairs are cut along their outer block (rows in the
-  forward, keys in the backward) at multiples of this many positions: an
-  eighth of the block, between 8 and 64."""
-  return max(8, min(64, block // 8))
 
-# At most this many kinds of partial pair get their own windowed updates (each
-# kind is one more copy of the update in the program); past it, partial pairs
-# are computed whole, with a mask.
-_MAX_SLOTS = 8
+def _chunk_width(block: int) -> int:
+  """The edges of an outer block are cut into chunks of this many outer
+  positions: a quarter of the block, between 8 and 128."""
+  return max(8, min(128, block // 4))
+
+
+# Unmasked pieces start and end on multiples of this many inner positions
+# (relative to the outer block), so masked ones have friendly widths.
+_PIECE_ALIGN = 8
+
+# At most this many kinds of edge (each kind is one more copy of the updates
+# in the program); past it, partial pairs are computed whole, with a mask.
+_MAX_KINDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
-class _Window:
-  """Outer positions ``[lo, hi)`` of a block pair that one update covers."""
+class _Piece:
+  """One update of an outer block's edge: its positions ``[lo, hi)`` against
+  inner positions ``[inner_lo, inner_hi)``, both relative to the outer
+  block's first position."""
   lo: int
   hi: int
+  inner_lo: int
+  inner_hi: int
   masked: bool
 
 
@@ -429,27 +440,31 @@ class _Schedule:
 
   For a band, the inner blocks an outer block visits are contiguous, and
   those the band allows entirely form a run inside them. That run is the
-  main loop: whole blocks, no mask (unless per-example masks apply). The
-  *partial* pairs on either side of it (the causal diagonal, the edges of a
-  window, key padding) are where the work is wasted if computed whole: a
-  query block of 1024 rows on the causal diagonal attends only some keys of
-  each key block, and many of its rows all of them. So each partial pair is
-  cut along the outer block into windows (positions that attend nothing are
-  skipped, those the band allows entirely run unmasked, the rest masked).
-  Pairs cut alike form a *slot*; every outer block has at most one pair per
-  slot, at the inner block ``table[outer, slot]`` (-1: none).
+  *main loop*: whole blocks, no mask (unless per-example masks apply). The
+  partial pairs on either side (the causal diagonal, the edges of a window,
+  padded keys) form the outer block's *edge*, where computing whole blocks
+  wastes work: a query block of 1024 rows on the causal diagonal needs only
+  the triangle below it. So the edge is cut into chunks of outer positions,
+  and each chunk visits exactly the inner positions it may attend: those it
+  attends entirely in one unmasked piece, the rest (about a chunk's width)
+  in a masked one. Chunks with the same pieces are merged. An edge is a
+  tuple of :class:`_Piece`; outer blocks with the same edge (relative to
+  their start) share one *kind*, compiled once.
 
   Attributes:
     ranges: ``(n_outer, 4)`` int32 ``(lo, a, b, hi)``: inner blocks ``[a,
       b)`` form the main loop, ``[lo, a)`` and ``[b, hi)`` are partial.
-    slots: per slot, its windows; None when there would be too many slots
-      (then partial pairs run whole and masked, in one loop).
-    table: ``(n_outer, len(slots))`` int32, or None.
+    kinds: the distinct edges, ``kinds[0] == ()``; None when there would be
+      too many (then partial pairs run whole and masked, in one loop).
+    kind: ``(n_outer,)`` int32 index into ``kinds``, or None.
+    span: ``[lo, hi)`` inner positions, relative to the outer block, that
+      cover every piece of every kind (``(0, 0)`` for none).
     main_masked: whether the main loop needs a mask (per-example masks).
   """
   ranges: np.ndarray
-  slots: Optional[tuple[tuple[_Window, ...], ...]]
-  table: Optional[np.ndarray]
+  kinds: Optional[tuple[tuple[_Piece, ...], ...]]
+  kind: Optional[np.ndarray]
+  span: tuple[int, int]
   main_masked: bool
 
 
@@ -462,15 +477,15 @@ def _schedule(st: _Static, by_q: bool, has_data_mask: bool) -> _Schedule:
   back into every update.
   """
   p, spec = st.plan, st.spec
-  bq, bk = p.block_q, p.block_k
   n_outer = p.num_q_blocks if by_q else p.num_k_blocks
-  b_outer = bq if by_q else bk
-  len_outer = p.T if by_q else p.S
-  step = _window_step(b_outer)
-
-  def extent(i, j):
-    """Real positions of block pair (i, j): padding is never attended."""
-    return i * bq, min((i + 1) * bq, p.T), j * bk, min((j + 1) * bk, p.S)
+  b_outer, b_inner = (p.block_q, p.block_k) if by_q else (p.block_k,
+                                                          p.block_q)
+  len_outer, len_inner = (p.T, p.S) if by_q else (p.S, p.T)
+  # Seen from the outer axis, inner position y may pair with outer x iff
+  # x - before <= y <= x + after (None: unbounded).
+  before, after = (spec.left, spec.right) if by_q else (spec.right,
+                                                        spec.left)
+  width = _chunk_width(b_outer)
 
   main, partial = ([[] for _ in range(n_outer)] for _ in range(2))
   for pairs, lists in ((p.unmasked, main), (p.masked, partial)):
@@ -489,90 +504,98 @@ def _schedule(st: _Static, by_q: bool, has_data_mask: bool) -> _Schedule:
       raise AssertionError(f"Non-contiguous block plan for block {o}.")
     ranges[o] = lo, a, b, hi
 
-  def windows(o, n):
-    """The windows of partial pair (outer o, inner n)."""
-    i, j = (o, n) if by_q else (n, o)
-    q_lo, q_hi, k_lo, k_hi = extent(i, j)
-    # Padded keys must be masked in the forward, where they are the inner
-    # block; in the backward they are outer positions whose gradients are
-    # dropped, and (being zero) they add nothing to dQ: no mask needed.
-    k_padded = by_q and (j + 1) * bk > p.S
-    steps = []  # per step: 0 attends nothing, 1 some, 2 everything
-    for lo in range(0, b_outer, step):
-      x_lo = o * b_outer + lo
-      x_hi = min(x_lo + step, (o + 1) * b_outer, len_outer)
-      if x_hi <= x_lo:  # padding only
-        steps.append(0)
-        continue
-      ext = (x_lo, x_hi, k_lo, k_hi) if by_q else (q_lo, q_hi, x_lo, x_hi)
-      if not spec.block_may_attend(*ext):
-        steps.append(0)
-      elif not k_padded and spec.block_fully_allowed(*ext):
-        steps.append(2)
-      else:
-        steps.append(1)
-    need = [u for u, c in enumerate(steps) if c]
-    full = [u for u, c in enumerate(steps) if c == 2]
-    n_lo, n_hi = need[0], need[-1] + 1
-    if not full or (full[0] != n_lo and full[-1] + 1 != n_hi):
-      full = []  # none, or inside the masked ones: cover all, masked
-    masked = [u for u in range(n_lo, n_hi) if u not in full]
-    to_pos = lambda u: min(u * step, b_outer)
-    out = []
-    for us, is_masked in ((masked, True), (full, False)):
-      if us:
-        out.append(_Window(to_pos(us[0]), to_pos(us[-1] + 1),
-                           is_masked or has_data_mask))
-    return tuple(sorted(out, key=lambda w: w.lo))
-
-  slots, rows = {}, []
-  for o in range(n_outer):
-    row = {}
-    for n in partial[o]:
-      key = windows(o, n)
-      s = slots.setdefault(key, len(slots))
-      if s in row:  # two pairs alike in one outer block: no slots
-        slots = None
+  def edge(o):
+    """The pieces of outer block ``o``'s partial pairs."""
+    lo, a, b, hi = (int(x) for x in ranges[o])
+    base = o * b_outer
+    regions = [(n0 * b_inner, min(n1 * b_inner, len_inner))
+               for n0, n1 in ((lo, a), (b, hi))]
+    chunks = []  # [outer lo, outer hi, pieces relative to base]
+    for c_lo in range(0, b_outer, width):
+      c_hi = min(c_lo + width, b_outer)
+      # Real positions only: padding attends nothing it must.
+      x0, x1 = base + c_lo, min(base + c_hi, len_outer)
+      if x1 <= x0:
         break
-      row[s] = n
-    if slots is None or len(slots) > _MAX_SLOTS:
-      return _Schedule(ranges, None, None, has_data_mask)
-    rows.append(row)
-  table = np.full((n_outer, len(slots)), -1, np.int32)
-  for o, row in enumerate(rows):
-    for s, n in row.items():
-      table[o, s] = n
-  return _Schedule(ranges, tuple(slots), table, has_data_mask)
+      may = (-math.inf if before is None else x0 - before,
+             math.inf if after is None else x1 + after)
+      full = (-math.inf if before is None
+              else base + _round_up(x1 - 1 - before - base, _PIECE_ALIGN),
+              math.inf if after is None
+              else base + _round_down(x0 + after + 1 - base, _PIECE_ALIGN))
+      pieces = []
+      for r0, r1 in regions:
+        m0, m1 = max(may[0], r0), min(may[1], r1)
+        if m0 >= m1:
+          continue
+        f0, f1 = max(full[0], m0), min(full[1], m1)
+        if has_data_mask or f0 >= f1:
+          cuts = [(m0, m1, True)]
+        else:
+          cuts = [(m0, f0, True), (f0, f1, False), (f1, m1, True)]
+        pieces += [(y0 - base, y1 - base, masked) for y0, y1, masked in cuts
+                   if y0 < y1]
+      if chunks and chunks[-1][2] == pieces:
+        chunks[-1][1] = c_hi  # the same pieces as the last chunk: merge
+      else:
+        chunks.append([c_lo, c_hi, pieces])
+    return tuple(_Piece(c_lo, c_hi, y0, y1, masked)
+                 for c_lo, c_hi, pieces in chunks
+                 for y0, y1, masked in pieces)
+
+  kinds, kind = {(): 0}, np.zeros((n_outer,), np.int32)
+  for o in range(n_outer):
+    kind[o] = kinds.setdefault(edge(o), len(kinds))
+  if len(kinds) > _MAX_KINDS + 1:
+    return _Schedule(ranges, None, None, (0, 0), has_data_mask)
+  pieces = [pc for k in kinds for pc in k]
+  span = ((min(pc.inner_lo for pc in pieces),
+           max(pc.inner_hi for pc in pieces)) if pieces else (0, 0))
+  return _Schedule(ranges, tuple(kinds), kind, span, has_data_mask)
 
 
-def _run_schedule(sched: _Schedule, o, body, carry):
-  """Runs one outer block ``o``'s updates: ``body(inner, window, carry)``
-  with ``window`` None (the whole pair) or a :class:`_Window`, and a static
-  ``masked`` flag (see :func:`_schedule`)."""
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _round_down(x: int, m: int) -> int:
+  return x // m * m
+
+
+def _chunks(edge: tuple[_Piece, ...]):
+  """``edge``'s pieces grouped by chunk: ``[(lo, hi, pieces), ...]``."""
+  return [(lo, hi, tuple(group)) for (lo, hi), group in
+          itertools.groupby(edge, key=lambda pc: (pc.lo, pc.hi))]
+
+
+def _run_edge(sched: _Schedule, o, fn, *operands):
+  """``fn(edge, *operands)`` for outer block ``o``'s edge (a static tuple of
+  :class:`_Piece`), switching on its kind."""
+  if sched.kinds is None or len(sched.kinds) == 1:
+    return fn((), *operands)
+  if len(sched.kinds) == 2 and np.all(sched.kind == 1):
+    return fn(sched.kinds[1], *operands)
+  branches = [functools.partial(fn, edge) for edge in sched.kinds]
+  return lax.switch(jnp.asarray(sched.kind)[o], branches, *operands)
+
+
+def _run_main(sched: _Schedule, o, body, carry):
+  """Runs outer block ``o``'s main loop, ``body(inner, masked, carry)``,
+  and, without kinds, its partial pairs whole and masked."""
   ranges = jnp.asarray(sched.ranges)[o]
   lo, a, b, hi = ranges[0], ranges[1], ranges[2], ranges[3]
-  carry = lax.fori_loop(
-      a, b, lambda n, c: body(n, None, sched.main_masked, c), carry)
-  if sched.slots is None:
-    # Partial pairs whole: both sides in one loop (one copy of the body).
-    n_before = a - lo
+  carry = lax.fori_loop(a, b, lambda n, c: body(n, sched.main_masked, c),
+                        carry)
+  if sched.kinds is not None:
+    return carry
+  # Partial pairs whole: both sides in one loop (one copy of the body).
+  n_before = a - lo
 
-    def partial_body(t, c):
-      n = jnp.where(t < n_before, lo + t, b + t - n_before)
-      return body(n, None, True, c)
+  def partial_body(t, c):
+    n = jnp.where(t < n_before, lo + t, b + t - n_before)
+    return body(n, True, c)
 
-    return lax.fori_loop(0, n_before + hi - b, partial_body, carry)
-  table = jnp.asarray(sched.table)[o]
-  for s, windows in enumerate(sched.slots):
-    n = table[s]
-
-    def run_slot(c, n=n, windows=windows):
-      for w in windows:
-        c = body(n, w, w.masked, c)
-      return c
-
-    carry = lax.cond(n >= 0, run_slot, lambda c: c, carry)
-  return carry
+  return lax.fori_loop(0, n_before + hi - b, partial_body, carry)
 
 
 # -- forward and backward -----------------------------------------------------
@@ -611,87 +634,103 @@ def _prescale(st: _Static, qb):
   return qb, scale
 
 
-def _window_slice(x, axis: int, window: Optional[_Window], G: int = 1):
-  """``x``'s positions ``[window.lo, window.hi)`` (times ``G`` rows each)
-  along ``axis``; all of ``x`` for None."""
-  if window is None:
-    return x
-  return lax.slice_in_dim(x, window.lo * G, window.hi * G, axis=axis)
-
-
-def _window_update(x, new, axis: int, window: Optional[_Window], G: int = 1):
-  """``x`` with its window along ``axis`` replaced by ``new``."""
-  if window is None:
-    return new
-  return lax.dynamic_update_slice_in_dim(x, new, window.lo * G, axis=axis)
-
-
-def _forward(st: _Static, qb, kb, vb, blocks, seeds):
+def _forward(st: _Static, qb, k_all, v_all, blocks, seeds):
   """Online softmax, query blocks outside, key blocks inside.
 
   Args:
-    qb: ``(nq, B*K, bq*G, H)``; kb: ``(nk, B*K, bk, H)``; vb: ``(nk, B*K,
-      bk, Hv)``, all in the matmul dtype.
+    qb: ``(nq, B*K, bq*G, H)``; k_all: ``(B*K, Sp, H)``; v_all: ``(B*K, Sp,
+      Hv)``, all in the matmul dtype (``Sp``: S padded to whole blocks).
 
   Returns:
     ``out (nq, B*K, bq*G, Hv)`` float32 and ``lse (nq, B*K, bq*G)``.
   """
   dtype = qb.dtype
   nq, BK, R, _ = qb.shape
-  G = st.G
-  Hv = vb.shape[-1]
+  G, bq, bk = st.G, st.plan.block_q, st.plan.block_k
+  Hv = v_all.shape[-1]
   rate = st.dropout_rate
   qb, logit_scale = _prescale(st, qb)
   sched = _schedule(st, by_q=True, has_data_mask=bool(blocks))
-  anchor = _anchor(qb, kb, vb, blocks, seeds)
+  anchor = _anchor(qb, k_all, v_all, blocks, seeds)
 
-  def step(qi, q, kj, window, masked, carry):
-    if masked and blocks:
-      # Skip blocks the per-example masks rule out (the state is unchanged
-      # by a block with no allowed entry).
-      return lax.cond(_block_live(blocks, st, qi, kj),
-                      functools.partial(update, qi, q, kj, window, masked),
-                      lambda c: c, carry)
-    return update(qi, q, kj, window, masked, carry)
+  def fresh(rows):
+    """The state of ``rows`` query positions that have seen no key."""
+    return (_fresh(anchor, (BK, rows * G), masks_lib.MASK_VALUE),
+            _fresh(anchor, (BK, rows * G)),
+            _fresh(anchor, (BK, rows * G, Hv)))
 
-  def update(qi, q, kj, window, masked, carry):
-    rows = None if window is None else (window.lo, window.hi)
-    m_all, l_all, acc_all = carry  # (BK, R), (BK, R), (BK, R, Hv)
-    m_prev, l_prev, acc_prev = (_window_slice(x, 1, window, G)
-                                for x in carry)
-    q = _window_slice(q, 1, window, G)  # (BK, rows*G, H)
-    k = lax.dynamic_index_in_dim(kb, kj, 0, False)  # (BK, bk, H)
-    v = lax.dynamic_index_in_dim(vb, kj, 0, False)  # (BK, bk, Hv)
-    s = _mm(q, k, 2, 2, dtype)  # (BK, rows*G, bk)
+  def update(q, q0, k, v, k0, masked, state):
+    """Folds keys ``k, v`` (positions from ``k0``) into the state of
+    ``q``'s rows (positions from ``q0``)."""
+    m_prev, l_prev, acc_prev = state  # (BK, r), (BK, r), (BK, r, Hv)
+    rows, cols = q.shape[1] // G, k.shape[1]
+    s = _mm(q, k, 2, 2, dtype)  # (BK, rows*G, cols)
     if logit_scale != 1.0:
       s = s * logit_scale
     if masked:
-      allowed = _block_allowed(blocks, st, qi, kj, q_window=rows)
+      allowed = _allowed(blocks, st, q0, rows, k0, cols)
       s = jnp.where(allowed, s, masks_lib.MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))  # (BK, rows*G)
     # A row with nothing allowed yet has m_new == MASK_VALUE, so its masked
     # entries get exp(0) == 1 here. No pass zeroes them: the first allowed
     # entry raises the max and alpha == exp(MASK_VALUE - m) == 0 wipes them
     # out, and a row that never sees one is empty and is zeroed at the end.
-    p = jnp.exp(s - m_new[..., None])  # (BK, rows*G, bk)
+    p = jnp.exp(s - m_new[..., None])  # (BK, rows*G, cols)
     # Rescale the old state to the new max (exp(MASK_VALUE - m) == 0).
     alpha = jnp.exp(m_prev - m_new)
     l_new = alpha * l_prev + jnp.sum(p, axis=-1)
     if rate > 0.0:
       # l_i sums the probabilities before dropout; 1 / (1 - rate) is applied
       # once at the end.
-      p = jnp.where(_block_keep(seeds, st, qi, kj, q_window=rows), p, 0.0)
+      p = jnp.where(_keep(seeds, st, q0, rows, k0, cols), p, 0.0)
     acc_new = alpha[..., None] * acc_prev + _mm(p, v, 2, 1, dtype)
-    return (_window_update(m_all, m_new, 1, window, G),
-            _window_update(l_all, l_new, 1, window, G),
-            _window_update(acc_all, acc_new, 1, window, G))
+    return m_new, l_new, acc_new
+
+  def edge_state(edge, qi, q):
+    """The state of query block ``qi`` after its edge: each chunk starts
+    fresh, and the chunks are joined."""
+    q_start = qi * bq
+    if edge:
+      # One dynamic slice of the keys per block (in bounds: this edge's own
+      # span); the pieces slice it statically.
+      span_lo = min(pc.inner_lo for pc in edge)
+      span_hi = max(pc.inner_hi for pc in edge)
+      k_span, v_span = (lax.dynamic_slice_in_dim(
+          x, q_start + span_lo, span_hi - span_lo, 1) for x in (k_all, v_all))
+    parts, pos = [], 0
+    for lo, hi, pieces in _chunks(edge):
+      if lo > pos:
+        parts.append(fresh(lo - pos))
+      state = fresh(hi - lo)
+      for pc in pieces:
+        y0, y1 = pc.inner_lo - span_lo, pc.inner_hi - span_lo
+        state = update(q[:, lo * G:hi * G], q_start + lo, k_span[:, y0:y1],
+                       v_span[:, y0:y1], q_start + pc.inner_lo, pc.masked,
+                       state)
+      parts.append(state)
+      pos = hi
+    if pos < bq:
+      parts.append(fresh(bq - pos))
+    return tuple(jnp.concatenate(x, axis=1) if len(x) > 1 else x[0]
+                 for x in zip(*parts))
 
   def q_block(_, xs):
     qi, q = xs
-    carry = (_fresh(anchor, (BK, R), masks_lib.MASK_VALUE),
-             _fresh(anchor, (BK, R)), _fresh(anchor, (BK, R, Hv)))
-    m_i, l_i, acc = _run_schedule(sched, qi, functools.partial(step, qi, q),
-                                  carry)
+
+    def main_step(kj, masked, carry):
+      k0 = kj * bk
+      step = functools.partial(
+          update, q, qi * bq, lax.dynamic_slice_in_dim(k_all, k0, bk, 1),
+          lax.dynamic_slice_in_dim(v_all, k0, bk, 1), k0, masked)
+      if masked and blocks:
+        # Skip blocks the per-example masks rule out (the state is
+        # unchanged by a block with no allowed entry).
+        return lax.cond(_block_live(blocks, st, qi, kj), step, lambda c: c,
+                        carry)
+      return step(carry)
+
+    carry = _run_edge(sched, qi, edge_state, qi, q)
+    m_i, l_i, acc = _run_main(sched, qi, main_step, carry)
     # Rows that attended nothing kept m_i == MASK_VALUE (and l_i == 0, or
     # the count of masked entries seen): zero output and the empty-row LSE,
     # set explicitly.
@@ -710,97 +749,145 @@ def _forward(st: _Static, qb, kb, vb, blocks, seeds):
   return out, lse
 
 
-def _backward(st: _Static, qb, kb, vb, blocks, seeds, out, lse, d_out,
-              d_lse):
+def _backward(st: _Static, q_all, kb, vb, blocks, seeds, out_all, lse_all,
+              d_out_all, d_lse_all):
   """FlashAttention-2's backward, key blocks outside, query blocks inside.
 
   With ``Z`` the dropout mask scaled by ``1 / (1 - rate)``: ``dV = (P Z)^T
   dO``, ``dP = (dO V^T) Z``, ``dS = P (dP - D + dlse)`` with ``D =
   rowsum(dO O)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``. dK and dV of
   the outer key block stay in the loop state; dQ^T is accumulated in place.
-  """
-  dtype = qb.dtype
-  nk = kb.shape[0]
-  rate = st.dropout_rate
-  qb, logit_scale = _prescale(st, qb)
-  # D - dlse per row, (nq, BK, R): the LSE's cotangent enters dS like -D.
-  delta = jnp.sum(d_out * out, axis=-1) - d_lse
-  sched = _schedule(st, by_q=False, has_data_mask=bool(blocks))
-  anchor = _anchor(qb, kb, vb, blocks, seeds, out, lse, d_out, d_lse)
 
-  def contributions(kj, k, v, window, masked, qi):
-    """Block ``(qi, kj)``'s terms of dQ^T, dK and dV (the latter for the
-    keys of ``window``).
+  Args:
+    q_all, out_all, d_out_all: ``(B*K, Tp*G, H or Hv)`` (``Tp``: T padded
+      to whole blocks); kb, vb: ``(nk, B*K, bk, H or Hv)``; lse_all,
+      d_lse_all: ``(B*K, Tp*G)``.
+
+  Returns:
+    ``dq (B*K, Tp*G, H)``, ``dk (nk, B*K, bk, H)``, ``dv (nk, B*K, bk,
+    Hv)``, float32.
+  """
+  dtype = q_all.dtype
+  nk, BK, bk, H = kb.shape
+  G, bq = st.G, st.plan.block_q
+  Tp = q_all.shape[1] // G
+  rate = st.dropout_rate
+  q_all, logit_scale = _prescale(st, q_all)
+  # D - dlse per row, (BK, Tp*G): the LSE's cotangent enters dS like -D.
+  delta_all = jnp.sum(d_out_all * out_all, axis=-1) - d_lse_all
+  sched = _schedule(st, by_q=False, has_data_mask=bool(blocks))
+  anchor = _anchor(q_all, kb, vb, blocks, seeds, out_all, lse_all, d_out_all,
+                   d_lse_all)
+  # dQ^T is accumulated in (BK, H, (pad + Tp + pad) * G): the edge updates
+  # one window of it per key block, and the margins keep every window in
+  # bounds (a dynamic slice would otherwise be clamped and shift).
+  span_lo, span_hi = sched.span
+  pad_lo = pad_hi = 0
+  if sched.kinds is not None and span_hi > span_lo:
+    edged = np.nonzero(sched.kind)[0] * bk
+    pad_lo = max(0, -int(edged.min() + span_lo))
+    pad_hi = max(0, int(edged.max() + span_hi) - Tp)
+
+  def contributions(k, v, k0, q0, rows, masked):
+    """The terms of dQ^T, dK and dV of keys ``k, v`` (positions from
+    ``k0``) against queries ``[q0, q0 + rows)``.
 
     Computed keys-first (``S^T = K Q^T``) so that dK and dV, the products
     summed over queries, are plain matmuls; on CPU a matmul contracting its
     left operand's leading dim runs at about half speed.
     """
-    cols = None if window is None else (window.lo, window.hi)
-    k = _window_slice(k, 1, window)  # (BK, cols, H)
-    v = _window_slice(v, 1, window)  # (BK, cols, Hv)
-    q = lax.dynamic_index_in_dim(qb, qi, 0, False)  # (BK, R, H)
-    do = lax.dynamic_index_in_dim(d_out, qi, 0, False)  # (BK, R, Hv)
-    lse_i = lax.dynamic_index_in_dim(lse, qi, 0, False)  # (BK, R)
-    delta_i = lax.dynamic_index_in_dim(delta, qi, 0, False)
-    s_t = _mm(k, q, 2, 2, dtype)  # (BK, cols, R)
+    cols = k.shape[1]
+    sl = lambda x: lax.dynamic_slice_in_dim(x, q0 * G, rows * G, 1)
+    q, do = sl(q_all), sl(d_out_all)  # (BK, rows*G, H or Hv)
+    lse, delta = sl(lse_all), sl(delta_all)  # (BK, rows*G)
+    s_t = _mm(k, q, 2, 2, dtype)  # (BK, cols, rows*G)
     if logit_scale != 1.0:
       s_t = s_t * logit_scale
-    p_t = jnp.exp(s_t - lse_i[:, None, :])
+    p_t = jnp.exp(s_t - lse[:, None, :])
     if masked:
       # Masked entries, and every entry of an empty row (lse ==
       # EMPTY_ROW_LSE), get probability zero.
-      p_t = jnp.where(
-          _block_allowed(blocks, st, qi, kj, True, k_window=cols), p_t, 0.0)
-    dp_t = _mm(v, do, 2, 2, dtype)  # (BK, cols, R)
+      p_t = jnp.where(_allowed(blocks, st, q0, rows, k0, cols, True), p_t,
+                      0.0)
+    dp_t = _mm(v, do, 2, 2, dtype)  # (BK, cols, rows*G)
     pz_t = p_t
     if rate > 0.0:
-      keep = _block_keep(seeds, st, qi, kj, True, k_window=cols)
+      keep = _keep(seeds, st, q0, rows, k0, cols, True)
       pz_t = jnp.where(keep, p_t * (1.0 / (1.0 - rate)), 0.0)
       dp_t = jnp.where(keep, dp_t * (1.0 / (1.0 - rate)), 0.0)
-    ds_t = p_t * (dp_t - delta_i[:, None, :])  # (BK, cols, R), unscaled
+    ds_t = p_t * (dp_t - delta[:, None, :])  # (BK, cols, rows*G), unscaled
     # q is prescaled (or logit_scale is applied to dK below), so dS^T q
     # carries the one factor of the scale that dK needs.
-    return (_mm(k, ds_t, 1, 1, dtype),  # dQ^T: (BK, H, R)
+    return (_mm(k, ds_t, 1, 1, dtype),  # dQ^T: (BK, H, rows*G)
             _mm(ds_t, q, 2, 1, dtype),  # dK: (BK, cols, H)
             _mm(pz_t, do, 2, 1, dtype))  # dV: (BK, cols, Hv)
 
-  def step(kj, k, v, qi, window, masked, carry):
-    dq_all, dk, dv = carry  # (nq, BK, H, R), (BK, bk, H), (BK, bk, Hv)
-    dq_i = lax.dynamic_index_in_dim(dq_all, qi, 0, False)  # (BK, H, R)
+  def edge_grads(edge, kj, k, v, dq_win):
+    """Key block ``kj``'s edge: its dK and dV (each chunk from zero, then
+    joined) and its terms added to ``dq_win``, the window of dQ^T at
+    ``span``."""
+    k_start = kj * bk
+    dk_parts, dv_parts, pos = [], [], 0
+    for lo, hi, pieces in _chunks(edge):
+      if lo > pos:
+        dk_parts.append(_fresh(anchor, (BK, lo - pos, H)))
+        dv_parts.append(_fresh(anchor, (BK, lo - pos, v.shape[-1])))
+      dk_c = _fresh(anchor, (BK, hi - lo, H))
+      dv_c = _fresh(anchor, (BK, hi - lo, v.shape[-1]))
+      for pc in pieces:
+        rows = pc.inner_hi - pc.inner_lo
+        dq_p, dk_p, dv_p = contributions(
+            k[:, lo:hi], v[:, lo:hi], k_start + lo, k_start + pc.inner_lo,
+            rows, pc.masked)
+        at = (pc.inner_lo - span_lo) * G
+        dq_win = dq_win.at[:, :, at:at + rows * G].add(dq_p)
+        dk_c, dv_c = dk_c + dk_p, dv_c + dv_p
+      dk_parts.append(dk_c)
+      dv_parts.append(dv_c)
+      pos = hi
+    if pos < bk:
+      dk_parts.append(_fresh(anchor, (BK, bk - pos, H)))
+      dv_parts.append(_fresh(anchor, (BK, bk - pos, v.shape[-1])))
+    join = lambda x: jnp.concatenate(x, axis=1) if len(x) > 1 else x[0]
+    return dq_win, join(dk_parts), join(dv_parts)
 
-    def update(state):
-      dq_i, dk, dv = state
-      dq_c, dk_c, dv_c = contributions(kj, k, v, window, masked, qi)
-      return (dq_i + dq_c,
-              _window_update(dk, _window_slice(dk, 1, window) + dk_c, 1,
-                             window),
-              _window_update(dv, _window_slice(dv, 1, window) + dv_c, 1,
-                             window))
-
-    if masked and blocks:
-      # Skip blocks the per-example masks rule out. Only block-sized values
-      # pass through the cond, never the whole dQ.
-      dq_i, dk, dv = lax.cond(_block_live(blocks, st, qi, kj), update,
-                              lambda state: state, (dq_i, dk, dv))
-    else:
-      dq_i, dk, dv = update((dq_i, dk, dv))
-    return lax.dynamic_update_index_in_dim(dq_all, dq_i, qi, 0), dk, dv
-
-  def k_block(dq_all, xs):
+  def k_block(dq_t, xs):
     kj, k, v = xs
-    carry = (dq_all, _fresh(anchor, k.shape), _fresh(anchor, v.shape))
-    dq_all, dk, dv = _run_schedule(
-        sched, kj,
-        lambda qi, window, masked, c: step(kj, k, v, qi, window, masked, c),
-        carry)
-    return dq_all, (dk * logit_scale, dv)
 
-  nq, BK, R, H = qb.shape
+    def main_step(qi, masked, carry):
+      dq_t, dk, dv = carry
+      at = (pad_lo + qi * bq) * G
+      dq_i = lax.dynamic_slice_in_dim(dq_t, at, bq * G, 2)  # (BK, H, R)
+
+      def update(state):
+        dq_i, dk, dv = state
+        dq_c, dk_c, dv_c = contributions(k, v, kj * bk, qi * bq, bq, masked)
+        return dq_i + dq_c, dk + dk_c, dv + dv_c
+
+      if masked and blocks:
+        # Skip blocks the per-example masks rule out. Only block-sized
+        # values pass through the cond, never the whole dQ.
+        dq_i, dk, dv = lax.cond(_block_live(blocks, st, qi, kj), update,
+                                lambda state: state, (dq_i, dk, dv))
+      else:
+        dq_i, dk, dv = update((dq_i, dk, dv))
+      return lax.dynamic_update_slice_in_dim(dq_t, dq_i, at, 2), dk, dv
+
+    if span_hi > span_lo:
+      at = (pad_lo + kj * bk + span_lo) * G
+      dq_win = lax.dynamic_slice_in_dim(dq_t, at, (span_hi - span_lo) * G, 2)
+      dq_win, dk, dv = _run_edge(sched, kj, edge_grads, kj, k, v, dq_win)
+      dq_t = lax.dynamic_update_slice_in_dim(dq_t, dq_win, at, 2)
+    else:
+      dk, dv = _fresh(anchor, k.shape), _fresh(anchor, v.shape)
+    dq_t, dk, dv = _run_main(sched, kj, main_step, (dq_t, dk, dv))
+    return dq_t, (dk * logit_scale, dv)
+
   dq_t, (dk, dv) = lax.scan(
-      k_block, _fresh(anchor, (nq, BK, H, R)),
+      k_block, _fresh(anchor, (BK, H, (pad_lo + Tp + pad_hi) * G)),
       (jnp.arange(nk, dtype=jnp.int32), kb, vb))
-  return jnp.swapaxes(dq_t, 2, 3) * st.scale, dk, dv
+  dq_t = dq_t[:, :, pad_lo * G:(pad_lo + Tp) * G]
+  return jnp.swapaxes(dq_t, 1, 2) * st.scale, dk, dv
 
 
 def _run_forward(st: _Static, q, k, v, data, seeds):
@@ -810,10 +897,11 @@ def _run_forward(st: _Static, q, k, v, data, seeds):
     ``out (B, T, N, Hv)`` float32 and ``lse (B, N, T)``.
   """
   p = st.plan
+  Sp = p.num_k_blocks * p.block_k
   qb = _q_to_blocks(q, st.K, p.num_q_blocks, p.block_q)
-  kb = _kv_to_blocks(k, p.num_k_blocks, p.block_k)
-  vb = _kv_to_blocks(v, p.num_k_blocks, p.block_k)
-  out, lse = _forward(st, qb, kb, vb, _block_data(data, st), seeds)
+  k_all = _kv_to_blocks(k, 1, Sp)[0]
+  v_all = _kv_to_blocks(v, 1, Sp)[0]
+  out, lse = _forward(st, qb, k_all, v_all, _block_data(data, st), seeds)
   return (_q_from_blocks(out, st.B, p.T, st.K, st.G),
           _rows_from_blocks(lse, st.B, p.T, st.K, st.G))
 
@@ -840,17 +928,17 @@ def _attention_bwd(st, residuals, cotangents):
   d_out, d_lse = cotangents
   sb = dataclasses.replace(st, plan=st.bwd_plan)
   p = sb.plan
-  nq, bq, nk, bk = p.num_q_blocks, p.block_q, p.num_k_blocks, p.block_k
+  Tp, nk, bk = p.num_q_blocks * p.block_q, p.num_k_blocks, p.block_k
+  rows = lambda x: _q_to_blocks(x, st.K, 1, Tp)[0]  # (B*K, Tp*G, ...)
+  row_values = lambda x: _rows_to_blocks(x, st.K, 1, Tp)[0]  # (B*K, Tp*G)
   dq, dk, dv = _backward(
-      sb, _q_to_blocks(q, st.K, nq, bq), _kv_to_blocks(k, nk, bk),
-      _kv_to_blocks(v, nk, bk), _block_data(data, sb), seeds,
-      _q_to_blocks(out, st.K, nq, bq),
+      sb, rows(q), _kv_to_blocks(k, nk, bk), _kv_to_blocks(v, nk, bk),
+      _block_data(data, sb), seeds, rows(out),
       # Empty rows: their LSE is finite (EMPTY_ROW_LSE) and every one of
       # their entries is masked, so their probabilities are zero.
-      _rows_to_blocks(lse, st.K, nq, bq),
-      _q_to_blocks(d_out.astype(_F32), st.K, nq, bq),
-      _rows_to_blocks(d_lse.astype(_F32), st.K, nq, bq))
-  dq = _q_from_blocks(dq, st.B, p.T, st.K, st.G)
+      row_values(lse), rows(d_out.astype(_F32)),
+      row_values(d_lse.astype(_F32)))
+  dq = _q_from_blocks(dq[None], st.B, p.T, st.K, st.G)
   dk = _kv_from_blocks(dk, st.B, p.S, st.K)
   dv = _kv_from_blocks(dv, st.B, p.S, st.K)
   # Integer and boolean inputs (masks, seeds) get no cotangent.
@@ -871,7 +959,8 @@ def attention(q, k, v, prep: common.Prepared, *,
     k: ``(B, S, K, H)``.
     v: ``(B, S, K, Hv)``.
     prep: from :func:`pallas_kernels.common.prepare`.
-    block_sizes: a :class:`BlockSizes`, or None for the defaults.
+    block_sizes: a :class:`BlockSizes`, or None for the defaults
+      (:func:`default_block_sizes`).
     interpret: accepted for the common target signature; it has no meaning
       here.
 
@@ -888,7 +977,7 @@ def attention(q, k, v, prep: common.Prepared, *,
   """
   del interpret
   if block_sizes is None:
-    block_sizes = DEFAULT_BLOCK_SIZES
+    block_sizes = default_block_sizes(prep.spec)
   if not isinstance(block_sizes, BlockSizes):
     raise TypeError("`block_sizes` for backend='xla' must be a "
                     "pallas_kernels.blockwise.BlockSizes or None; got "

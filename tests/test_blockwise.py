@@ -74,8 +74,8 @@ def test_sliding_window_visits_blocks_linear_in_T():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_plan_matches_the_dense_band(seed, monkeypatch):
-  # Windows of 4 positions, so small blocks are cut too.
-  monkeypatch.setattr(blockwise, "_window_step", lambda block: 4)
+  # Chunks of 4 positions, so small blocks are cut too.
+  monkeypatch.setattr(blockwise, "_chunk_width", lambda block: 4)
   rng = np.random.default_rng(seed)
   for _ in range(50):
     T, S = (int(x) for x in rng.integers(1, 90, size=2))
@@ -102,49 +102,74 @@ def test_plan_matches_the_dense_band(seed, monkeypatch):
         _check_schedule(p, spec, dense, by_q, data)
 
 
-def _check_schedule(p, spec, dense, by_q, has_data_mask):
-  """Every allowed entry is computed exactly once; unmasked updates hold
-  allowed entries only (and, in the forward, no padded key)."""
+def _schedule_visits(p, spec, by_q, has_data_mask):
+  """Per update of the schedule: ``(query slice, key slice, masked)``."""
   st = blockwise._Static(plan=p, bwd_plan=p, spec=spec, B=1, K=1, G=1,
                          scale=1.0, dropout_rate=0.0)
   sched = blockwise._schedule(st, by_q, has_data_mask)
   bq, bk = p.block_q, p.block_k
-  count = np.zeros(dense.shape, int)
-  unmasked = np.zeros(dense.shape, bool)
   n_outer = p.num_q_blocks if by_q else p.num_k_blocks
   b_outer = bq if by_q else bk
+  len_inner = p.S if by_q else p.T
 
-  def visit(o, n, window, masked):
+  def pair(o, n, masked):
     i, j = (o, n) if by_q else (n, o)
-    rows = slice(i * bq, (i + 1) * bq)
-    cols = slice(j * bk, (j + 1) * bk)
-    if window is not None:
-      pos = slice(o * b_outer + window.lo, o * b_outer + window.hi)
-      rows, cols = (pos, cols) if by_q else (rows, pos)
-    count[rows, cols] += 1
-    if not masked:
-      unmasked[rows, cols] = True
+    return (slice(i * bq, (i + 1) * bq), slice(j * bk, (j + 1) * bk),
+            masked)
 
   for o in range(n_outer):
     lo, a, b, hi = sched.ranges[o]
     for n in range(a, b):
-      visit(o, n, None, sched.main_masked)
-    if sched.slots is None:
+      yield pair(o, n, sched.main_masked)
+    if sched.kinds is None:
       for n in list(range(lo, a)) + list(range(b, hi)):
-        visit(o, n, None, True)
+        yield pair(o, n, True)
       continue
-    for s, windows in enumerate(sched.slots):
-      n = sched.table[o, s]
-      if n >= 0:
-        assert lo <= n < a or b <= n < hi
-        for w in windows:
-          visit(o, n, w, w.masked)
+    base = o * b_outer
+    for pc in sched.kinds[sched.kind[o]]:
+      # Pieces lie inside the outer block and the real inner positions.
+      assert 0 <= pc.lo < pc.hi <= b_outer
+      assert 0 <= base + pc.inner_lo < base + pc.inner_hi <= len_inner
+      assert sched.span[0] <= pc.inner_lo and pc.inner_hi <= sched.span[1]
+      outer = slice(base + pc.lo, base + pc.hi)
+      inner = slice(base + pc.inner_lo, base + pc.inner_hi)
+      yield (outer, inner, pc.masked) if by_q else (inner, outer, pc.masked)
+
+
+def _check_schedule(p, spec, dense, by_q, has_data_mask):
+  """Every allowed entry is computed exactly once; unmasked updates hold
+  allowed entries only (and, in the forward, no padded key)."""
+  count = np.zeros(dense.shape, int)
+  unmasked = np.zeros(dense.shape, bool)
+  for rows, cols, masked in _schedule_visits(p, spec, by_q, has_data_mask):
+    count[rows, cols] += 1
+    if not masked:
+      unmasked[rows, cols] = True
   T, S = p.T, p.S
   np.testing.assert_array_equal(count[:T, :S][dense[:T, :S]], 1)
   assert not has_data_mask or not unmasked.any()
   assert dense[:T, :S][unmasked[:T, :S]].all()
   if by_q:  # forward: a padded key is never unmasked
     assert not unmasked[:T, S:].any()
+
+
+@pytest.mark.parametrize("T", [1024, 2048, 4096])
+def test_causal_schedule_computes_little_more_than_the_triangle(T):
+  # With the default blocks, both passes mask about one chunk (128
+  # positions) per row and so compute about half of that beyond the
+  # triangle, whatever T.
+  spec = MaskSpec.causal()
+  sizes = blockwise.DEFAULT_BLOCK_SIZES
+  triangle = T * (T + 1) / 2
+  for by_q, p in ((True, blockwise.plan(spec, T, T, sizes)),
+                  (False, blockwise.plan(spec, T, T, sizes.backward))):
+    computed = masked = 0
+    for rows, cols, is_masked in _schedule_visits(p, spec, by_q, False):
+      area = (rows.stop - rows.start) * (cols.stop - cols.start)
+      computed += area
+      masked += area if is_masked else 0
+    assert masked <= T * 128, (by_q, masked / T)
+    assert computed <= triangle + T * 128 / 2, (by_q, computed - triangle)
 
 
 def test_data_masks_need_masked_blocks():
