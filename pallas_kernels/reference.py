@@ -65,15 +65,18 @@ def attention_core(q, k, v, prep: common.Prepared, *, q_offset=0,
   allowed = masks_lib.dense_mask(prep.spec, prep.data, B, N, T, p_.S,
                                  q_offset, kv_offset)  # (#B, #N, T, S)
   logits = jnp.where(allowed, logits, masks_lib.MASK_VALUE)
-  m = jnp.max(logits, axis=-1, keepdims=True)  # (B, N, T, 1)
-  # Masked entries are zeroed explicitly: in a fully masked row every logit
-  # equals MASK_VALUE, so exp(logit - m) would be 1, not 0.
-  unnormalized = jnp.where(allowed, jnp.exp(logits - m), 0.0)
-  l = jnp.sum(unnormalized, axis=-1, keepdims=True)  # (B, N, T, 1)
-  nonempty = l > 0.0
-  safe_l = jnp.where(nonempty, l, 1.0)
-  probs = unnormalized / safe_l  # (B, N, T, S); empty rows are all zero
-  lse = jnp.where(nonempty, m + jnp.log(safe_l), masks_lib.EMPTY_ROW_LSE)
+  # The max only shifts the exponent (the result does not depend on it), so
+  # it gets no gradient: differentiating it would cost passes over (T, S).
+  m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # (B,N,T,1)
+  # A masked entry of a row with any allowed one underflows to exactly 0.
+  # In a fully masked row every logit equals MASK_VALUE (so does its max),
+  # and the probabilities come out uniform; such rows are zeroed in the
+  # output, which costs one pass over (T, Hv) instead of (T, S).
+  unnormalized = jnp.exp(logits - m)
+  l = jnp.sum(unnormalized, axis=-1, keepdims=True)  # (B, N, T, 1), >= 1
+  probs = unnormalized / l  # (B, N, T, S)
+  nonempty = m > masks_lib.MASK_VALUE  # (B, N, T, 1)
+  lse = jnp.where(nonempty, m + jnp.log(l), masks_lib.EMPTY_ROW_LSE)
   lse = lse[..., 0]  # (B, N, T)
   weights = probs
   if prep.dropout_rate > 0.0:
@@ -86,9 +89,10 @@ def attention_core(q, k, v, prep: common.Prepared, *, q_offset=0,
   else:
     out = jnp.einsum("bkgts,bskh->btkgh", weights.reshape(B, K, G, T, p_.S),
                      v.astype(jnp.float32), precision=precision)
-  out = out.reshape(B, T, N, p_.Hv).astype(q.dtype)
+  out = out.reshape(B, T, N, p_.Hv)
+  out = jnp.where(jnp.swapaxes(nonempty, 1, 2), out, 0.0).astype(q.dtype)
   if return_probs:
-    return out, lse, probs
+    return out, lse, jnp.where(nonempty, probs, 0.0)
   return out, lse
 
 
