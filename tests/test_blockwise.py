@@ -155,11 +155,11 @@ def _check_schedule(p, spec, dense, by_q, has_data_mask):
 
 @pytest.mark.parametrize("T", [1024, 2048, 4096])
 def test_causal_schedule_computes_little_more_than_the_triangle(T):
-  # With the default blocks, both passes mask about one chunk (128
+  # With the default blocks, both passes mask about one chunk (64
   # positions) per row and so compute about half of that beyond the
   # triangle, whatever T.
   spec = MaskSpec.causal()
-  sizes = blockwise.DEFAULT_BLOCK_SIZES
+  sizes = blockwise.default_block_sizes(spec)
   triangle = T * (T + 1) / 2
   for by_q, p in ((True, blockwise.plan(spec, T, T, sizes)),
                   (False, blockwise.plan(spec, T, T, sizes.backward))):
@@ -168,8 +168,8 @@ def test_causal_schedule_computes_little_more_than_the_triangle(T):
       area = (rows.stop - rows.start) * (cols.stop - cols.start)
       computed += area
       masked += area if is_masked else 0
-    assert masked <= T * 128, (by_q, masked / T)
-    assert computed <= triangle + T * 128 / 2, (by_q, computed - triangle)
+    assert masked <= T * 64, (by_q, masked / T)
+    assert computed <= triangle + T * 64 / 2, (by_q, computed - triangle)
 
 
 def test_data_masks_need_masked_blocks():
