@@ -525,10 +525,12 @@ def _schedule(st: _Static, by_q: bool, has_data_mask: bool) -> _Schedule:
         break
       may = (-math.inf if before is None else x0 - before,
              math.inf if after is None else x1 + after)
+      # Shrunk to multiples of _PIECE_ALIGN from the block's start.
+      n = _PIECE_ALIGN
       full = (-math.inf if before is None
-              else base + _round_up(x1 - 1 - before - base, _PIECE_ALIGN),
+              else base + _cdiv(x1 - 1 - before - base, n) * n,
               math.inf if after is None
-              else base + _round_down(x0 + after + 1 - base, _PIECE_ALIGN))
+              else base + (x0 + after + 1 - base) // n * n)
       pieces = []
       for r0, r1 in regions:
         m0, m1 = max(may[0], r0), min(may[1], r1)
@@ -554,18 +556,16 @@ def _schedule(st: _Static, by_q: bool, has_data_mask: bool) -> _Schedule:
     kind[o] = kinds.setdefault(edge(o), len(kinds))
   if len(kinds) > _MAX_KINDS + 1:
     return _Schedule(ranges, None, None, (0, 0), has_data_mask)
-  pieces = [pc for k in kinds for pc in k]
-  span = ((min(pc.inner_lo for pc in pieces),
-           max(pc.inner_hi for pc in pieces)) if pieces else (0, 0))
-  return _Schedule(ranges, tuple(kinds), kind, span, has_data_mask)
+  return _Schedule(ranges, tuple(kinds), kind,
+                   _span([pc for k in kinds for pc in k]), has_data_mask)
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _round_down(x: int, m: int) -> int:
-  return x // m * m
+def _span(pieces) -> tuple[int, int]:
+  """The ``[lo, hi)`` inner positions that cover ``pieces`` (``(0, 0)`` for
+  none)."""
+  if not pieces:
+    return 0, 0
+  return min(pc.inner_lo for pc in pieces), max(pc.inner_hi for pc in pieces)
 
 
 def _chunks(edge: tuple[_Piece, ...]):
@@ -574,13 +574,44 @@ def _chunks(edge: tuple[_Piece, ...]):
           itertools.groupby(edge, key=lambda pc: (pc.lo, pc.hi))]
 
 
+def _join_chunks(edge: tuple[_Piece, ...], length: int, fresh, run_chunk,
+                 carry=None):
+  """Runs ``edge`` chunk by chunk, each from a fresh state, and joins the
+  chunk states.
+
+  Args:
+    edge: the pieces of one outer block.
+    length: the outer block's length.
+    fresh: ``fresh(n)``, the state of ``n`` outer positions no piece
+      touches: a tuple of arrays with the positions on axis 1.
+    run_chunk: ``run_chunk(pieces, lo, hi, state, carry) -> (state,
+      carry)`` for the chunk at outer positions ``[lo, hi)``, starting from
+      ``fresh(hi - lo)``.
+    carry: threaded through the chunks.
+
+  Returns:
+    ``(state of the whole block, carry)``.
+  """
+  parts, pos = [], 0
+  for lo, hi, pieces in _chunks(edge):
+    if lo > pos:
+      parts.append(fresh(lo - pos))
+    state, carry = run_chunk(pieces, lo, hi, fresh(hi - lo), carry)
+    parts.append(state)
+    pos = hi
+  if pos < length:
+    parts.append(fresh(length - pos))
+  return tuple(jnp.concatenate(x, axis=1) if len(x) > 1 else x[0]
+               for x in zip(*parts)), carry
+
+
 def _run_edge(sched: _Schedule, o, fn, *operands):
   """``fn(edge, *operands)`` for outer block ``o``'s edge (a static tuple of
   :class:`_Piece`), switching on its kind."""
-  if sched.kinds is None or len(sched.kinds) == 1:
+  if sched.kinds is None:
     return fn((), *operands)
-  if len(sched.kinds) == 2 and np.all(sched.kind == 1):
-    return fn(sched.kinds[1], *operands)
+  if np.all(sched.kind == sched.kind[0]):  # one kind: no switch
+    return fn(sched.kinds[sched.kind[0]], *operands)
   branches = [functools.partial(fn, edge) for edge in sched.kinds]
   return lax.switch(jnp.asarray(sched.kind)[o], branches, *operands)
 
@@ -696,29 +727,21 @@ def _forward(st: _Static, qb, k_all, v_all, blocks, seeds):
     """The state of query block ``qi`` after its edge: each chunk starts
     fresh, and the chunks are joined."""
     q_start = qi * bq
-    if edge:
-      # One dynamic slice of the keys per block (in bounds: this edge's own
-      # span); the pieces slice it statically.
-      span_lo = min(pc.inner_lo for pc in edge)
-      span_hi = max(pc.inner_hi for pc in edge)
-      k_span, v_span = (lax.dynamic_slice_in_dim(
-          x, q_start + span_lo, span_hi - span_lo, 1) for x in (k_all, v_all))
-    parts, pos = [], 0
-    for lo, hi, pieces in _chunks(edge):
-      if lo > pos:
-        parts.append(fresh(lo - pos))
-      state = fresh(hi - lo)
+    # One dynamic slice of the keys per block (in bounds: this edge's own
+    # span); the pieces slice it statically.
+    span_lo, span_hi = _span(edge)
+    k_span, v_span = (lax.dynamic_slice_in_dim(
+        x, q_start + span_lo, span_hi - span_lo, 1) for x in (k_all, v_all))
+
+    def run_chunk(pieces, lo, hi, state, carry):
       for pc in pieces:
         y0, y1 = pc.inner_lo - span_lo, pc.inner_hi - span_lo
         state = update(q[:, lo * G:hi * G], q_start + lo, k_span[:, y0:y1],
                        v_span[:, y0:y1], q_start + pc.inner_lo, pc.masked,
                        state)
-      parts.append(state)
-      pos = hi
-    if pos < bq:
-      parts.append(fresh(bq - pos))
-    return tuple(jnp.concatenate(x, axis=1) if len(x) > 1 else x[0]
-                 for x in zip(*parts))
+      return state, carry
+
+    return _join_chunks(edge, bq, fresh, run_chunk)[0]
 
   def q_block(_, xs):
     qi, q = xs
@@ -833,13 +856,12 @@ def _backward(st: _Static, q_all, kb, vb, blocks, seeds, out_all, lse_all,
     joined) and its terms added to ``dq_win``, the window of dQ^T at
     ``span``."""
     k_start = kj * bk
-    dk_parts, dv_parts, pos = [], [], 0
-    for lo, hi, pieces in _chunks(edge):
-      if lo > pos:
-        dk_parts.append(_fresh(anchor, (BK, lo - pos, H)))
-        dv_parts.append(_fresh(anchor, (BK, lo - pos, v.shape[-1])))
-      dk_c = _fresh(anchor, (BK, hi - lo, H))
-      dv_c = _fresh(anchor, (BK, hi - lo, v.shape[-1]))
+
+    def fresh(n):
+      return (_fresh(anchor, (BK, n, H)), _fresh(anchor, (BK, n, v.shape[-1])))
+
+    def run_chunk(pieces, lo, hi, state, dq_win):
+      dk_c, dv_c = state
       for pc in pieces:
         rows = pc.inner_hi - pc.inner_lo
         dq_p, dk_p, dv_p = contributions(
@@ -848,14 +870,10 @@ def _backward(st: _Static, q_all, kb, vb, blocks, seeds, out_all, lse_all,
         at = (pc.inner_lo - span_lo) * G
         dq_win = dq_win.at[:, :, at:at + rows * G].add(dq_p)
         dk_c, dv_c = dk_c + dk_p, dv_c + dv_p
-      dk_parts.append(dk_c)
-      dv_parts.append(dv_c)
-      pos = hi
-    if pos < bk:
-      dk_parts.append(_fresh(anchor, (BK, bk - pos, H)))
-      dv_parts.append(_fresh(anchor, (BK, bk - pos, v.shape[-1])))
-    join = lambda x: jnp.concatenate(x, axis=1) if len(x) > 1 else x[0]
-    return dq_win, join(dk_parts), join(dv_parts)
+      return (dk_c, dv_c), dq_win
+
+    (dk, dv), dq_win = _join_chunks(edge, bk, fresh, run_chunk, dq_win)
+    return dq_win, dk, dv
 
   def k_block(dq_t, xs):
     kj, k, v = xs
