@@ -40,13 +40,12 @@ from pallas_kernels import common
 from pallas_kernels import reference
 
 # The blockwise path is the CPU default when max(T, S) reaches this length.
-# Measured on a 2-core CPU (fp32, N=8, H=64, D=512, B=1 and 4; `python -m
-# benchmarks.compare --seq-lengths 32,64,128,256,512 --impls
-# keras,jaxmha[xla],jaxmha[xla_blockwise]`): from T=128 up the blockwise
-# layer beat both Keras and the fused path (1.05x to 1.6x Keras) in every
-# configuration, forward and forward+backward; below it the two paths and
-# Keras are within noise of each other (one block either way), and the fused
-# path is kept there because it is the simpler program.
+# Measured on a 2-core CPU (fp32, N=8, H=64, D=512, B=1 and 4, layer, fwd and
+# fwd+bwd, full and causal; `python -m benchmarks.compare`,
+# benchmarks/results/compare.md): at T=256 the blockwise layer ran 1.17x to
+# 1.51x Keras against the fused path's 0.74x to 1.21x; at T=128, 0.96x to
+# 1.20x against 0.88x to 1.27x, the two within noise of each other. Below it
+# the fused path is kept, being the simpler program.
 BLOCKWISE_MIN_LENGTH = 128
 
 
