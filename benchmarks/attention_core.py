@@ -24,19 +24,30 @@ timed in the same rounds. ``temp MB`` is XLA's compiled temporary memory.
 sizes (how :func:`pallas_kernels.blockwise.default_block_sizes` was chosen),
 all candidates interleaved in each round.
 
+``--profile`` instead traces a few calls of one configuration with the JAX
+profiler and says where the time goes, by XLA op kind (matmuls, reductions,
+exponentials, data movement, other elementwise work) and by matmul output
+shape (:func:`op_profile`). Timing a variant only says *whether* it is
+faster; this says what the remaining time is spent on.
+
 Usage::
 
     python -m benchmarks.attention_core [--quick] [--rounds R] [--out PATH]
     python -m benchmarks.attention_core --sweep [--quick] [--rounds R]
+    python -m benchmarks.attention_core --profile [--seq-len T]
+        [--mask full|causal] [--pass fwd|fwd+bwd] [--impl NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
+import re
 import statistics
+import tempfile
 import time
 
 import jax
@@ -168,6 +179,142 @@ def sweep(seq_lengths, rounds: int, candidates=SWEEP_CANDIDATES):
   return rows
 
 
+# -- where the time goes -------------------------------------------------------
+
+# HLO ops that only move or reinterpret data.
+_DATA_MOVEMENT = frozenset((
+    "parameter", "constant", "bitcast", "reshape", "broadcast", "iota",
+    "slice", "dynamic-slice", "dynamic-update-slice", "transpose", "copy",
+    "concatenate", "pad", "get-tuple-element", "tuple", "bitcast-convert"))
+# Control flow: its events span the ops inside it, which are counted.
+_CONTROL_FLOW = frozenset(("while", "conditional", "call"))
+_INSTRUCTION_NAME = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = ")
+_OP = re.compile(r"\s*([a-z][\w\-]*)\(")
+
+
+def _parse_instruction(line: str):
+  """``(name, shape, op)`` of an HLO instruction line ``"  [ROOT ]%name =
+  shape op(...)"``, or None. The shape may be a (nested) tuple."""
+  match = _INSTRUCTION_NAME.match(line)
+  if match is None:
+    return None
+  rest = line[match.end():]
+  if rest.startswith("("):  # a tuple shape: up to its matching ")"
+    depth = 0
+    for end, char in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(char, 0)
+      if depth == 0:
+        break
+    shape, rest = rest[:end + 1], rest[end + 1:]
+  else:
+    shape, _, rest = rest.partition(" ")
+    rest = " " + rest
+  op = _OP.match(rest)
+  return (match.group(1), shape, op.group(1)) if op else None
+
+
+def _op_kinds(hlo_text: str) -> dict:
+  """``{instruction name: (kind, result shape)}`` for the instructions of an
+  optimized HLO module. A fusion takes the kind of what its body computes:
+  ``dot`` if it holds a matmul, else ``reduce``, else ``exp``, else ``data
+  movement`` if it only moves data, else ``elementwise``."""
+  bodies, current = {}, None
+  instructions = []  # (name, shape, op, callee or None)
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      # A computation's header: "[ENTRY ]%name (params) -> result {".
+      name = line.split()[1 if line.startswith("ENTRY") else 0]
+      current = bodies.setdefault(name.lstrip("%"), set())
+      continue
+    parsed = _parse_instruction(line)
+    if parsed is None or current is None:
+      continue
+    name, shape, op = parsed
+    current.add(op)
+    callee = re.search(r"calls=%?([\w.\-]+)", line)
+    instructions.append((name, shape, op, callee and callee.group(1)))
+
+  def kind(ops):
+    if ops & {"dot", "convolution"}:
+      return "dot"
+    if "reduce" in ops:
+      return "reduce"
+    if "exponential" in ops:
+      return "exp"
+    return "data movement" if ops <= _DATA_MOVEMENT else "elementwise"
+
+  return {name: (kind(bodies.get(callee, set()) if callee else {op}), shape)
+          for name, shape, op, callee in instructions
+          if op not in _CONTROL_FLOW}
+
+
+def op_profile(compiled, args, calls: int = 5) -> dict:
+  """Where the time of a compiled call goes, by XLA op kind.
+
+  Traces ``calls`` calls with :func:`jax.profiler.trace` and sums the
+  durations of the ops XLA executed, classified from ``compiled``'s
+  optimized HLO (:func:`_op_kinds`). Op times are summed over the threads
+  that launched them: when they exceed the wall time, ops overlapped (and
+  removing one that ran beside another may save nothing); when they nearly
+  equal it, ops ran one at a time, each perhaps on several threads inside.
+
+  Args:
+    compiled: a ``jax.stages.Compiled``.
+    args: its arguments.
+    calls: traced calls (after one untraced warm-up call).
+
+  Returns:
+    ``{"wall_ms": median wall time per call (traced), "op_ms": {kind: ms
+    per call}, "dot_ms": {output shape: ms per call}}``.
+  """
+  kinds = _op_kinds(compiled.as_text())
+  jax.block_until_ready(compiled(*args))
+  walls = []
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(calls):
+        walls.append(_time_once(compiled, *args))
+    paths = [os.path.join(root, f) for root, _, files in os.walk(trace_dir)
+             for f in files if f.endswith(".xplane.pb")]
+    if not paths:
+      raise RuntimeError(f"The profiler wrote no trace under {trace_dir}.")
+    data = jax.profiler.ProfileData.from_file(paths[0])
+  op_ns, dot_ns = collections.Counter(), collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      if not line.name.startswith("tf_XLA"):  # XLA's threads only
+        continue
+      for event in line.events:
+        if event.name in kinds:
+          kind, shape = kinds[event.name]
+          op_ns[kind] += event.duration_ns
+          if kind == "dot":
+            dot_ns[shape.split("{")[0]] += event.duration_ns
+  per_call = lambda c: {k: v / calls / 1e6 for k, v in c.most_common()}
+  return dict(wall_ms=statistics.median(walls) * 1e3, op_ms=per_call(op_ns),
+              dot_ms=per_call(dot_ns))
+
+
+def _print_profile(impl: str, T: int, causal: bool, backward: bool,
+                   calls: int) -> dict:
+  rng_q, rng_k, rng_v, rng_o = jax.random.split(jax.random.key(T), 4)
+  q, k, v, d_out = (jax.random.normal(r, (B, T, N, H))
+                    for r in (rng_q, rng_k, rng_v, rng_o))
+  compiled = _compiled(impl, q, k, v, d_out, causal, backward)
+  prof = op_profile(compiled, (q, k, v), calls)
+  total = sum(prof["op_ms"].values())
+  print(f"{impl}, T={T}, {'causal' if causal else 'full'}, "
+        f"{'fwd+bwd' if backward else 'fwd'}: {prof['wall_ms']:.1f} ms per "
+        f"call (traced), {total:.1f} ms of op time over all threads\n")
+  print("| op kind | ms per call | share of op time |\n|---|---:|---:|")
+  for kind, ms in prof["op_ms"].items():
+    print(f"| {kind} | {ms:.2f} | {100 * ms / total:.0f}% |")
+  print("\n| matmul output shape | ms per call |\n|---|---:|")
+  for shape, ms in prof["dot_ms"].items():
+    print(f"| {shape} | {ms:.2f} |")
+  return prof
+
+
 _HEADER = ("| T | mask | pass | reference ms | blockwise ms | xla ms "
            "| ref/blockwise | xla/blockwise | blockwise GFLOP/s "
            "| matmul GFLOP/s | blockwise % of matmul "
@@ -193,11 +340,26 @@ def main(argv=None):
                       help=f"T in {QUICK_SEQ_LENGTHS} only")
   parser.add_argument("--rounds", type=int, default=None,
                       help="timed rounds per configuration (default 5, "
-                      "quick 3)")
+                      "quick 3); with --profile, traced calls (default 5)")
   parser.add_argument("--out", default=DEFAULT_OUT, help="JSON output path")
   parser.add_argument("--sweep", action="store_true",
                       help="time blockwise block-size candidates instead")
+  parser.add_argument("--profile", action="store_true",
+                      help="break one configuration's time down by op kind")
+  parser.add_argument("--seq-len", type=int, default=2048,
+                      help="--profile: T (default 2048)")
+  parser.add_argument("--mask", choices=("full", "causal"), default="causal",
+                      help="--profile: the mask (default causal)")
+  parser.add_argument("--pass", dest="pass_", choices=("fwd", "fwd+bwd"),
+                      default="fwd", help="--profile: the pass (default fwd)")
+  parser.add_argument("--impl", choices=IMPLS, default="blockwise",
+                      help="--profile: the implementation (default "
+                      "blockwise)")
   args = parser.parse_args(argv)
+  if args.profile:
+    _print_profile(args.impl, args.seq_len, args.mask == "causal",
+                   args.pass_ == "fwd+bwd", args.rounds or 5)
+    return
   seq_lengths = QUICK_SEQ_LENGTHS if args.quick else SEQ_LENGTHS
   rounds = args.rounds or (3 if args.quick else 5)
   if args.sweep:

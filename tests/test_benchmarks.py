@@ -1,6 +1,7 @@
 """The comparison benchmark (``python -m benchmarks.compare``): its smoke run
 writes the JSON, the markdown tables and the plot; its FLOP count, fit and
-smoke grid are right.
+smoke grid are right. The op-kind profile of ``benchmarks.attention_core``
+classifies ops and splits a call's time.
 
 Shape letters: B batch, T query length, N heads, H head dim, D features.
 """
@@ -10,9 +11,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import matplotlib.image
 import pytest
 
+from benchmarks import attention_core
 from benchmarks import compare
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,3 +99,52 @@ def test_smoke_grid_covers_every_scope_mode_mask_and_length():
   # Both masks run in the same rounds, so their time ratio is paired.
   assert all(causals == (False, True) for *_, causals in full)
   assert all(B * T <= compare.FULL.max_tokens for _, _, B, T, _ in full)
+
+
+_TOY_HLO = """HloModule toy
+
+%fused_dot (p0: f32[2,2], p1: f32[2,2]) -> f32[2,2] {
+  %p0 = f32[2,2]{1,0} parameter(0)
+  %p1 = f32[2,2]{1,0} parameter(1)
+  ROOT %d = f32[2,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_move (p0: f32[2,2]) -> f32[2,2] {
+  %p0 = f32[2,2]{1,0} parameter(0)
+  ROOT %t = f32[2,2]{0,1} transpose(%p0), dimensions={1,0}
+}
+
+ENTRY %main (a: f32[2,2]) -> (f32[2,2], f32[2,2]) {
+  %a = f32[2,2]{1,0} parameter(0)
+  %dot_fusion = f32[2,2]{1,0} fusion(%a, %a), kind=kCustom, calls=%fused_dot
+  %move = f32[2,2]{0,1} fusion(%a), kind=kLoop, calls=%fused_move
+  %e = f32[2,2]{1,0} exponential(%a)
+  %w = (s32[], /*index=1*/f32[2,2]{1,0}) while(%a), condition=%c, body=%b
+  ROOT %out = (f32[2,2]{1,0}, f32[2,2]{0,1}) tuple(%dot_fusion, %move)
+}
+"""
+
+
+def test_op_kinds_classify_fusions_by_their_bodies():
+  kinds = attention_core._op_kinds(_TOY_HLO)
+  assert kinds["dot_fusion"] == ("dot", "f32[2,2]{1,0}")
+  assert kinds["move"] == ("data movement", "f32[2,2]{0,1}")
+  assert kinds["e"] == ("exp", "f32[2,2]{1,0}")
+  assert kinds["out"][0] == "data movement"  # a tuple shape parses
+  assert "w" not in kinds  # control flow: its ops are counted, not it
+
+
+def test_op_profile_splits_a_call_by_op_kind():
+  B, T, N, H = 1, 256, 2, 16
+  q, k, v, d_out = (jax.random.normal(jax.random.key(i), (B, T, N, H))
+                    for i in range(4))
+  compiled = attention_core._compiled("blockwise", q, k, v, d_out,
+                                      causal=True, backward=True)
+  prof = attention_core.op_profile(compiled, (q, k, v), calls=2)
+  assert prof["wall_ms"] > 0
+  assert prof["op_ms"]["dot"] > 0 and prof["op_ms"]["exp"] > 0, prof
+  assert sum(prof["dot_ms"].values()) == pytest.approx(prof["op_ms"]["dot"])
+  # Op times are summed over threads, never counted twice: at most one
+  # wall time per thread (plus slack for the traced calls' spread).
+  assert sum(prof["op_ms"].values()) <= (
+      2 * prof["wall_ms"] * (os.cpu_count() or 1)), prof
