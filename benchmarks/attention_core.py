@@ -92,6 +92,12 @@ def _compiled(impl, q, k, v, d_out, causal, backward, block_sizes=None):
   return jax.jit(fn).lower(q, k, v).compile()
 
 
+def _inputs(T: int):
+  """Random ``q, k, v, d_out``, each ``(B, T, N, H)``, drawn from key T."""
+  return tuple(jax.random.normal(r, (B, T, N, H))
+               for r in jax.random.split(jax.random.key(T), 4))
+
+
 def _time_once(fn, *args) -> float:
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
@@ -108,11 +114,7 @@ def run(seq_lengths, rounds: int):
   matmul = jax.jit(jnp.dot)
   results = []
   for T in seq_lengths:
-    rng_q, rng_k, rng_v, rng_o = jax.random.split(jax.random.key(T), 4)
-    q = jax.random.normal(rng_q, (B, T, N, H))
-    k = jax.random.normal(rng_k, (B, T, N, H))
-    v = jax.random.normal(rng_v, (B, T, N, H))
-    d_out = jax.random.normal(rng_o, (B, T, N, H))
+    q, k, v, d_out = _inputs(T)
     for causal in (False, True):
       for backward in (False, True):
         flops = _useful_flops(T, causal, backward)
@@ -156,9 +158,7 @@ def sweep(seq_lengths, rounds: int, candidates=SWEEP_CANDIDATES):
   """Medians (ms) of the blockwise path per block-size candidate."""
   rows = []
   for T in seq_lengths:
-    rng_q, rng_k, rng_v, rng_o = jax.random.split(jax.random.key(T), 4)
-    q, k, v, d_out = (jax.random.normal(r, (B, T, N, H))
-                      for r in (rng_q, rng_k, rng_v, rng_o))
+    q, k, v, d_out = _inputs(T)
     for backward in (False, True):
       fns = {(causal, c): _compiled("blockwise", q, k, v, d_out, causal,
                                     backward, blockwise.BlockSizes(*c))
@@ -297,9 +297,7 @@ def op_profile(compiled, args, calls: int = 5) -> dict:
 
 def _print_profile(impl: str, T: int, causal: bool, backward: bool,
                    calls: int) -> dict:
-  rng_q, rng_k, rng_v, rng_o = jax.random.split(jax.random.key(T), 4)
-  q, k, v, d_out = (jax.random.normal(r, (B, T, N, H))
-                    for r in (rng_q, rng_k, rng_v, rng_o))
+  q, k, v, d_out = _inputs(T)
   compiled = _compiled(impl, q, k, v, d_out, causal, backward)
   prof = op_profile(compiled, (q, k, v), calls)
   total = sum(prof["op_ms"].values())
