@@ -157,16 +157,17 @@ class BlockPlan:
 
 @functools.lru_cache(maxsize=128)
 def plan(spec: masks_lib.MaskSpec, T: int, S: int,
-         block_sizes: Optional[BlockSizes] = None, *,
-         has_data_mask: bool = False) -> BlockPlan:
+         block_sizes: Optional[BlockSizes] = None) -> BlockPlan:
   """Lists the block pairs that ``spec`` does not rule out.
+
+  The plan is the band's alone: per-example masks (lengths, segments, a
+  boolean mask) are applied by the schedule, which masks every update when
+  they are present (see ``_schedule``).
 
   Args:
     spec: the band.
     T, S: query and key lengths.
     block_sizes: None for the defaults (:func:`default_block_sizes`).
-    has_data_mask: whether per-example masks apply (then every visited pair
-      needs a mask).
 
   >>> sizes = BlockSizes(block_q=256, block_k=256)
   >>> causal = plan(masks_lib.MaskSpec.causal(), 1024, 1024, sizes)
@@ -187,7 +188,7 @@ def plan(spec: masks_lib.MaskSpec, T: int, S: int,
       if not spec.block_may_attend(q_lo, q_hi, k_lo, k_hi):
         continue
       # Padded keys (the last block of a ragged S) must be masked out.
-      full = (not has_data_mask and k_hi == (j + 1) * bk
+      full = (k_hi == (j + 1) * bk
               and spec.block_fully_allowed(q_lo, q_hi, k_lo, k_hi))
       (unmasked if full else masked).append((i, j))
   return BlockPlan(T=T, S=S, block_q=bq, block_k=bk, num_q_blocks=nq,
@@ -478,9 +479,9 @@ def _schedule(st: _Static, by_q: bool, has_data_mask: bool) -> _Schedule:
   """The :class:`_Schedule` of ``st.plan`` for the forward (``by_q``) or the
   backward.
 
-  ``st.plan`` is planned for the band alone (``has_data_mask=False``): its
-  unmasked pairs form the main loop, and ``has_data_mask`` puts the mask
-  back into every update.
+  ``st.plan`` is planned for the band alone: its unmasked pairs form the
+  main loop, and ``has_data_mask`` (per-example masks) puts a mask into
+  every update.
   """
   p, spec = st.plan, st.spec
   n_outer = p.num_q_blocks if by_q else p.num_k_blocks
@@ -1007,8 +1008,6 @@ def attention(q, k, v, prep: common.Prepared, *,
                     "pallas_kernels.blockwise.BlockSizes or None; got "
                     f"{type(block_sizes).__name__}.")
   pr = prep.problem
-  # Planned for the band alone: the per-example masks are applied by the
-  # schedule (see _schedule).
   st = _Static(
       plan=plan(prep.spec, pr.T, pr.S, block_sizes),
       bwd_plan=plan(prep.spec, pr.T, pr.S, block_sizes.backward),

@@ -172,9 +172,7 @@ def test_causal_schedule_computes_little_more_than_the_triangle(T):
     assert computed <= triangle + T * 64 / 2, (by_q, computed - triangle)
 
 
-def test_data_masks_need_masked_blocks():
-  p = blockwise.plan(MaskSpec.causal(), 1000, 1000, has_data_mask=True)
-  assert not p.unmasked and p.masked
+def test_padded_key_blocks_are_masked():
   # Ragged S: the last key block holds padding and is masked.
   p = blockwise.plan(MaskSpec.full(), 64, 100, blockwise.BlockSizes(64, 32))
   assert p.block_k == 25 and p.num_k_blocks == 4 and not p.masked
