@@ -2,18 +2,22 @@
 
 Shape letters: B batch, T query length, S key/value length, N query heads,
 K key/value heads (``N % K == 0``), G query heads per key/value head
-(``N // K``), H head dim, Hv value head dim. Inside this module a block of
-queries is laid out as ``(B*K, bq*G, H)``: the G query heads that share a key
-head are folded into the rows of one matmul, so GQA never repeats K or V.
+(``N // K``), H head dim, Hv value head dim. Inside this module q is laid
+out in rows, ``(B*K, T*G, H)``, and k and v as ``(B*K, S, H)``: the G query
+heads that share a key head are folded into the rows of one matmul, so GQA
+never repeats K or V, and a block is a contiguous range of rows. Both passes
+slice their blocks from the same row-layout arrays, so the backward reuses
+the forward's.
 
 The online softmax of FlashAttention-2 (arXiv:2307.08691) written with XLA
 loops instead of a kernel. The forward scans over query blocks and, for
 each, loops over the key blocks a static :class:`BlockPlan` lists, keeping
 the running max ``m_i``, normaliser ``l_i`` and unnormalised output of its
-rows; it saves only ``out`` and the log-sum-exp. The backward scans over key
-blocks, loops over the query blocks that see each, and recomputes the
-probabilities from the saved log-sum-exp. Nothing of size ``T x S`` is ever
-stored, so memory is linear in the sequence lengths.
+rows; besides its inputs (in row layout) it saves only ``out`` and the
+log-sum-exp. The backward scans over key blocks, loops over the query blocks
+that see each, and recomputes the probabilities from the saved log-sum-exp.
+Nothing of size ``T x S`` is ever stored, so memory is linear in the
+sequence lengths.
 
 Pairs the band (causal, sliding window) rules out are not in the plan at
 all. Pairs the band allows entirely, with no per-example mask, run a body
@@ -208,13 +212,20 @@ def _pad_axis(x, axis: int, size: int):
   return jnp.pad(x, widths)
 
 
-def _q_to_blocks(q, K: int, nq: int, bq: int):
-  """``(B, T, N, H)`` -> ``(nq, B*K, bq*G, H)``."""
-  B, _, N, H = q.shape
+def _rows(x, K: int, length: int):
+  """``(B, T, N, H)`` -> ``(B*K, length*G, H)``, zero-padded: each group of
+  ``G = N // K`` heads in one batch entry, its rows ordered by (position,
+  head). Keys and values (``N == K``) get ``(B*K, length, H)``. Query block
+  ``i`` of length ``bq`` is the row range ``[i*bq*G, (i+1)*bq*G)``."""
+  B, _, N, H = x.shape
   G = N // K
-  q = _pad_axis(q, 1, nq * bq).reshape(B, nq, bq, K, G, H)
-  q = q.transpose(1, 0, 3, 2, 4, 5)  # (nq, B, K, bq, G, H)
-  return q.reshape(nq, B * K, bq * G, H)
+  x = _pad_axis(x, 1, length).reshape(B, length, K, G, H)
+  return x.transpose(0, 2, 1, 3, 4).reshape(B * K, length * G, H)
+
+
+def _row_values(x, K: int, length: int):
+  """Per-row ``(B, N, T)`` -> ``(B*K, length*G)``, zero-padded."""
+  return _rows(jnp.swapaxes(x, 1, 2)[..., None], K, length)[..., 0]
 
 
 def _q_from_blocks(x, B: int, T: int, K: int, G: int):
@@ -231,14 +242,6 @@ def _rows_from_blocks(x, B: int, T: int, K: int, G: int):
   bq = R // G
   x = x.reshape(nq, B, K, bq, G).transpose(1, 2, 4, 0, 3)  # (B, K, G, nq, bq)
   return x.reshape(B, K * G, nq * bq)[:, :, :T]
-
-
-def _kv_to_blocks(x, nk: int, bk: int):
-  """``(B, S, K, H)`` -> ``(nk, B*K, bk, H)``."""
-  B, _, K, H = x.shape
-  x = _pad_axis(x, 1, nk * bk).reshape(B, nk, bk, K, H)
-  x = x.transpose(1, 0, 3, 2, 4)  # (nk, B, K, bk, H)
-  return x.reshape(nk, B * K, bk, H)
 
 
 def _kv_from_blocks(x, B: int, S: int, K: int):
@@ -663,33 +666,43 @@ def _fresh(anchor, shape, value=0.0):
   return jnp.full_like(anchor, value, shape=shape)
 
 
-def _prescale(st: _Static, qb):
-  """Folds the scale into q when that is exact enough: fp32, or a power of
-  two. Returns ``(q, scale still to apply to the logits)``."""
-  scale = st.scale
-  if qb.dtype == _F32 or math.frexp(scale)[0] == 0.5:
-    return (qb.astype(_F32) * scale).astype(qb.dtype), 1.0
-  return qb, scale
+def _logit_scale(st: _Static, dtype) -> float:
+  """The scale still to apply to the logits of q prescaled by
+  :func:`_prescale`: none when folding it into q is exact enough (fp32, or a
+  power of two)."""
+  if dtype == _F32 or math.frexp(st.scale)[0] == 0.5:
+    return 1.0
+  return st.scale
 
 
-def _forward(st: _Static, qb, k_all, v_all, blocks, seeds):
+def _prescale(st: _Static, q):
+  """``q`` times the part of the scale that :func:`_logit_scale` leaves
+  out."""
+  if _logit_scale(st, q.dtype) == 1.0:
+    return (q.astype(_F32) * st.scale).astype(q.dtype)
+  return q
+
+
+def _forward(st: _Static, q_all, k_all, v_all, blocks, seeds):
   """Online softmax, query blocks outside, key blocks inside.
 
   Args:
-    qb: ``(nq, B*K, bq*G, H)``; k_all: ``(B*K, Sp, H)``; v_all: ``(B*K, Sp,
-      Hv)``, all in the matmul dtype (``Sp``: S padded to whole blocks).
+    q_all: ``(B*K, Tr*G, H)``, prescaled (:func:`_prescale`); k_all:
+      ``(B*K, Sr, H)``; v_all: ``(B*K, Sr, Hv)``, all in the matmul dtype
+      (``Tr``, ``Sr``: T and S padded to whole blocks, or longer).
 
   Returns:
     ``out (nq, B*K, bq*G, Hv)`` float32 and ``lse (nq, B*K, bq*G)``.
   """
-  dtype = qb.dtype
-  nq, BK, R, _ = qb.shape
+  dtype = q_all.dtype
+  BK = q_all.shape[0]
   G, bq, bk = st.G, st.plan.block_q, st.plan.block_k
+  nq = st.plan.num_q_blocks
   Hv = v_all.shape[-1]
   rate = st.dropout_rate
-  qb, logit_scale = _prescale(st, qb)
+  logit_scale = _logit_scale(st, dtype)
   sched = _schedule(st, by_q=True, has_data_mask=bool(blocks))
-  anchor = _anchor(qb, k_all, v_all, blocks, seeds)
+  anchor = _anchor(q_all, k_all, v_all, blocks, seeds)
 
   def fresh(rows):
     """The state of ``rows`` query positions that have seen no key."""
@@ -744,8 +757,8 @@ def _forward(st: _Static, qb, k_all, v_all, blocks, seeds):
 
     return _join_chunks(edge, bq, fresh, run_chunk)[0]
 
-  def q_block(_, xs):
-    qi, q = xs
+  def q_block(_, qi):
+    q = lax.dynamic_slice_in_dim(q_all, qi * bq * G, bq * G, 1)
 
     def main_step(kj, masked, carry):
       k0 = kj * bk
@@ -774,13 +787,12 @@ def _forward(st: _Static, qb, k_all, v_all, blocks, seeds):
                     masks_lib.EMPTY_ROW_LSE)
     return None, (out, lse)
 
-  _, (out, lse) = lax.scan(q_block, None,
-                           (jnp.arange(nq, dtype=jnp.int32), qb))
+  _, (out, lse) = lax.scan(q_block, None, jnp.arange(nq, dtype=jnp.int32))
   return out, lse
 
 
-def _backward(st: _Static, q_all, kb, vb, blocks, seeds, out_all, lse_all,
-              d_out_all, d_lse_all):
+def _backward(st: _Static, q_all, k_all, v_all, blocks, seeds, lse_all,
+              d_out_all, delta_all):
   """FlashAttention-2's backward, key blocks outside, query blocks inside.
 
   With ``Z`` the dropout mask scaled by ``1 / (1 - rate)``: ``dV = (P Z)^T
@@ -789,25 +801,25 @@ def _backward(st: _Static, q_all, kb, vb, blocks, seeds, out_all, lse_all,
   the outer key block stay in the loop state; dQ^T is accumulated in place.
 
   Args:
-    q_all, out_all, d_out_all: ``(B*K, Tp*G, H or Hv)`` (``Tp``: T padded
-      to whole blocks); kb, vb: ``(nk, B*K, bk, H or Hv)``; lse_all,
-      d_lse_all: ``(B*K, Tp*G)``.
+    q_all, d_out_all: ``(B*K, Tr*G, H or Hv)``, q prescaled
+      (:func:`_prescale`); k_all, v_all: ``(B*K, Sr, H or Hv)``; lse_all and
+      delta_all (``D - dlse``): ``(B*K, Tr*G)``. ``Tr``, ``Sr``: T and S
+      padded to whole blocks, or longer.
 
   Returns:
-    ``dq (B*K, Tp*G, H)``, ``dk (nk, B*K, bk, H)``, ``dv (nk, B*K, bk,
-    Hv)``, float32.
+    ``dq (B*K, Tp*G, H)`` (``Tp``: T padded to whole blocks of this plan),
+    ``dk (nk, B*K, bk, H)``, ``dv (nk, B*K, bk, Hv)``, float32.
   """
   dtype = q_all.dtype
-  nk, BK, bk, H = kb.shape
-  G, bq = st.G, st.plan.block_q
-  Tp = q_all.shape[1] // G
+  BK, _, H = q_all.shape
+  G, p = st.G, st.plan
+  bq, bk, nk = p.block_q, p.block_k, p.num_k_blocks
+  Tp = p.num_q_blocks * bq
   rate = st.dropout_rate
-  q_all, logit_scale = _prescale(st, q_all)
-  # D - dlse per row, (BK, Tp*G): the LSE's cotangent enters dS like -D.
-  delta_all = jnp.sum(d_out_all * out_all, axis=-1) - d_lse_all
+  logit_scale = _logit_scale(st, dtype)
   sched = _schedule(st, by_q=False, has_data_mask=bool(blocks))
-  anchor = _anchor(q_all, kb, vb, blocks, seeds, out_all, lse_all, d_out_all,
-                   d_lse_all)
+  anchor = _anchor(q_all, k_all, v_all, blocks, seeds, lse_all, d_out_all,
+                   delta_all)
   # dQ^T is accumulated in (BK, H, (pad + Tp + pad) * G): the edge updates
   # one window of it per key block, and the margins keep every window in
   # bounds (a dynamic slice would otherwise be clamped and shift).
@@ -876,8 +888,8 @@ def _backward(st: _Static, q_all, kb, vb, blocks, seeds, out_all, lse_all,
     (dk, dv), dq_win = _join_chunks(edge, bk, fresh, run_chunk, dq_win)
     return dq_win, dk, dv
 
-  def k_block(dq_t, xs):
-    kj, k, v = xs
+  def k_block(dq_t, kj):
+    k, v = (lax.dynamic_slice_in_dim(x, kj * bk, bk, 1) for x in (k_all, v_all))
 
     def main_step(qi, masked, carry):
       dq_t, dk, dv = carry
@@ -910,64 +922,74 @@ def _backward(st: _Static, q_all, kb, vb, blocks, seeds, out_all, lse_all,
 
   dq_t, (dk, dv) = lax.scan(
       k_block, _fresh(anchor, (BK, H, (pad_lo + Tp + pad_hi) * G)),
-      (jnp.arange(nk, dtype=jnp.int32), kb, vb))
+      jnp.arange(nk, dtype=jnp.int32))
   dq_t = dq_t[:, :, pad_lo * G:(pad_lo + Tp) * G]
   return jnp.swapaxes(dq_t, 1, 2) * st.scale, dk, dv
 
 
+def _padded_lengths(st: _Static) -> tuple[int, int]:
+  """``(Tr, Sr)``: T and S padded to whole blocks of both passes' plans, the
+  lengths of the row-layout inputs both passes share."""
+  f, b = st.plan, st.bwd_plan
+  return (max(f.num_q_blocks * f.block_q, b.num_q_blocks * b.block_q),
+          max(f.num_k_blocks * f.block_k, b.num_k_blocks * b.block_k))
+
+
 def _run_forward(st: _Static, q, k, v, data, seeds):
-  """Blocks the inputs with the forward plan and runs :func:`_forward`.
+  """Lays out the inputs in rows and runs :func:`_forward`.
 
   Returns:
-    ``out (B, T, N, Hv)`` float32 and ``lse (B, N, T)``.
+    ``out (B, T, N, Hv)`` float32, ``lse (B, N, T)`` and the row-layout
+    inputs ``(q_all, k_all, v_all)`` that the backward reuses.
   """
   p = st.plan
-  Sp = p.num_k_blocks * p.block_k
-  qb = _q_to_blocks(q, st.K, p.num_q_blocks, p.block_q)
-  k_all = _kv_to_blocks(k, 1, Sp)[0]
-  v_all = _kv_to_blocks(v, 1, Sp)[0]
-  out, lse = _forward(st, qb, k_all, v_all, _block_data(data, st), seeds)
+  Tr, Sr = _padded_lengths(st)
+  q_all = _prescale(st, _rows(q, st.K, Tr))  # (B*K, Tr*G, H)
+  k_all, v_all = (_rows(x, st.K, Sr) for x in (k, v))  # (B*K, Sr, H | Hv)
+  out, lse = _forward(st, q_all, k_all, v_all, _block_data(data, st), seeds)
   return (_q_from_blocks(out, st.B, p.T, st.K, st.G),
-          _rows_from_blocks(lse, st.B, p.T, st.K, st.G))
-
-
-def _rows_to_blocks(x, K: int, nq: int, bq: int):
-  """Per-row ``(B, N, T)`` -> ``(nq, B*K, bq*G)``."""
-  return _q_to_blocks(jnp.swapaxes(x, 1, 2)[..., None], K, nq, bq)[..., 0]
+          _rows_from_blocks(lse, st.B, p.T, st.K, st.G), (q_all, k_all, v_all))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st: _Static, q, k, v, data, seeds):
-  return _run_forward(st, q, k, v, data, seeds)
+  return _run_forward(st, q, k, v, data, seeds)[:2]
 
 
 def _attention_fwd(st, q, k, v, data, seeds):
-  out, lse = _run_forward(st, q, k, v, data, seeds)
-  return (out, lse), (q, k, v, data, seeds, out, lse)
+  out, lse, laid_out = _run_forward(st, q, k, v, data, seeds)
+  # The backward reuses the forward's row layout of q, k and v rather than
+  # laying them out again; out is only needed for D = rowsum(dO * O), taken
+  # in its own layout.
+  return (out, lse), (laid_out, data, seeds, out, lse)
 
 
 def _attention_bwd(st, residuals, cotangents):
-  """Re-blocks everything with the backward plan and runs
-  :func:`_backward`."""
-  q, k, v, data, seeds, out, lse = residuals
+  """Runs :func:`_backward` with the backward plan on the forward's row
+  layout."""
+  (q_all, k_all, v_all), data, seeds, out, lse = residuals
   d_out, d_lse = cotangents
   sb = dataclasses.replace(st, plan=st.bwd_plan)
   p = sb.plan
-  Tp, nk, bk = p.num_q_blocks * p.block_q, p.num_k_blocks, p.block_k
-  rows = lambda x: _q_to_blocks(x, st.K, 1, Tp)[0]  # (B*K, Tp*G, ...)
-  row_values = lambda x: _rows_to_blocks(x, st.K, 1, Tp)[0]  # (B*K, Tp*G)
+  Tp = p.num_q_blocks * p.block_q
+  d_out = d_out.astype(_F32)
+  # D - dlse per row: the LSE's cotangent enters dS like -D. (As a batched
+  # dot: XLA's CPU reduction over a short minor axis is about 10x slower.)
+  delta = jnp.einsum("btnh,btnh->btn", d_out, out,
+                     preferred_element_type=_F32)
+  delta = jnp.swapaxes(delta, 1, 2) - d_lse  # (B, N, T)
   dq, dk, dv = _backward(
-      sb, rows(q), _kv_to_blocks(k, nk, bk), _kv_to_blocks(v, nk, bk),
-      _block_data(data, sb), seeds, rows(out),
+      sb, q_all, k_all, v_all, _block_data(data, sb), seeds,
       # Empty rows: their LSE is finite (EMPTY_ROW_LSE) and every one of
       # their entries is masked, so their probabilities are zero.
-      row_values(lse), rows(d_out.astype(_F32)),
-      row_values(d_lse.astype(_F32)))
+      _row_values(lse, st.K, Tp), _rows(d_out, st.K, Tp),
+      _row_values(delta.astype(_F32), st.K, Tp))
   dq = _q_from_blocks(dq[None], st.B, p.T, st.K, st.G)
   dk = _kv_from_blocks(dk, st.B, p.S, st.K)
   dv = _kv_from_blocks(dv, st.B, p.S, st.K)
   # Integer and boolean inputs (masks, seeds) get no cotangent.
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+  return (dq.astype(q_all.dtype), dk.astype(k_all.dtype),
+          dv.astype(v_all.dtype),
           jax.tree.map(lambda _: None, data), None)
 
 
