@@ -5,9 +5,8 @@ K key/value heads (``N % K == 0``), G query heads per key/value head
 (``N // K``), H head dim, Hv value head dim. Inside this module q is laid
 out in rows, ``(B*K, T*G, H)``, and k and v as ``(B*K, S, H)``: the G query
 heads that share a key head are folded into the rows of one matmul, so GQA
-never repeats K or V, and a block is a contiguous range of rows. Both passes
-slice their blocks from the same row-layout arrays, so the backward reuses
-the forward's.
+never repeats K or V, and a block is a contiguous range of rows. The forward
+lays its inputs out so once, and the backward reuses them.
 
 The online softmax of FlashAttention-2 (arXiv:2307.08691) written with XLA
 loops instead of a kernel. The forward scans over query blocks and, for
@@ -757,8 +756,8 @@ def _forward(st: _Static, q_all, k_all, v_all, blocks, seeds):
 
     return _join_chunks(edge, bq, fresh, run_chunk)[0]
 
-  def q_block(_, qi):
-    q = lax.dynamic_slice_in_dim(q_all, qi * bq * G, bq * G, 1)
+  def q_block(_, xs):
+    qi, q = xs
 
     def main_step(kj, masked, carry):
       k0 = kj * bk
@@ -787,7 +786,12 @@ def _forward(st: _Static, q_all, k_all, v_all, blocks, seeds):
                     masks_lib.EMPTY_ROW_LSE)
     return None, (out, lse)
 
-  _, (out, lse) = lax.scan(q_block, None, jnp.arange(nq, dtype=jnp.int32))
+  # The query blocks as scan inputs, (nq, B*K, bq*G, H): a copy, but one
+  # that XLA fuses with the layout into rows; slicing q_all per block instead
+  # measured 5% slower (causal, T=1024).
+  qb = jnp.moveaxis(q_all[:, :nq * bq * G].reshape(BK, nq, bq * G, -1), 1, 0)
+  _, (out, lse) = lax.scan(q_block, None,
+                           (jnp.arange(nq, dtype=jnp.int32), qb))
   return out, lse
 
 
