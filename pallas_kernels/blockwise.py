@@ -70,9 +70,9 @@ class BlockSizes:
   backward's products contract over both rows and keys: for full attention,
   key blocks of 1024 against 256 rows ran its forward+backward 7-9% faster
   than 512 (B=1, T=1024 to 4096; 2% at B=4); under a band they would widen
-  the diagonal edge, and 512 stays. A block longer than the sequence is shortened to it,
-  and the blocks of a ragged sequence are balanced so that padding stays
-  below one row per block.
+  the diagonal edge, and 512 stays. A block longer than the sequence is
+  shortened to it, and the blocks of a ragged sequence are balanced so that
+  padding stays below one row per block.
 
   Attributes:
     block_q, block_k: forward query rows and keys per block.
