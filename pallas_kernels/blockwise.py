@@ -247,7 +247,7 @@ def _q_from_blocks(x, B: int, T: int, K: int, G: int):
   return x.reshape(B, nq * bq, K * G, Hv)[:, :T]  # (B, T, N, Hv)
 
 
-def _rows_from_blocks(x, B: int, T: int, K: int, G: int):
+def _row_values_from_blocks(x, B: int, T: int, K: int, G: int):
   """Per-row ``(nq, B*K, bq*G)`` -> ``(B, N, T)``."""
   nq, _, R = x.shape
   bq = R // G
@@ -964,7 +964,8 @@ def _run_forward(st: _Static, q, k, v, data, seeds):
   k_all, v_all = (_rows(x, st.K, Sr) for x in (k, v))  # (B*K, Sr, H | Hv)
   out, lse = _forward(st, q_all, k_all, v_all, _block_data(data, st), seeds)
   return (_q_from_blocks(out, st.B, p.T, st.K, st.G),
-          _rows_from_blocks(lse, st.B, p.T, st.K, st.G), (q_all, k_all, v_all))
+          _row_values_from_blocks(lse, st.B, p.T, st.K, st.G),
+          (q_all, k_all, v_all))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -999,7 +1000,7 @@ def _attention_bwd(st, residuals, cotangents):
       # Empty rows: their LSE is finite (EMPTY_ROW_LSE) and every one of
       # their entries is masked, so their probabilities are zero.
       _row_values(lse, st.K, Tp), _rows(d_out, st.K, Tp),
-      _row_values(delta.astype(_F32), st.K, Tp))
+      _row_values(delta, st.K, Tp))
   dq = _q_from_blocks(dq[None], st.B, p.T, st.K, st.G)
   dk = _kv_from_blocks(dk, st.B, p.S, st.K)
   dv = _kv_from_blocks(dv, st.B, p.S, st.K)
