@@ -257,6 +257,9 @@ def op_profile(compiled, args, calls: int = 5) -> dict:
   that launched them: when they exceed the wall time, ops overlapped (and
   removing one that ran beside another may save nothing); when they nearly
   equal it, ops ran one at a time, each perhaps on several threads inside.
+  Small ops read long in a trace: an ``(8, 64, 64)`` masked exp showed about
+  140 us here but costs 15-19 us per iteration of a plain ``fori_loop``, so
+  decide between variants by interleaved wall times.
 
   Args:
     compiled: a ``jax.stages.Compiled``.
