@@ -5,6 +5,7 @@ ragged blocks, so the masked, unmasked and padded block paths all run.
 """
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,78 @@ class TestBlockwise(AttentionConformance):
   def attention(self, q, k, v, **kw):
     # Under jit: one compilation per case instead of op-by-op dispatch.
     return _small_block_attention(q, k, v, **kw)
+
+
+# Shapes with several examples, for the path that takes them a few at a time.
+_BATCHED = (CONFORMANCE[0], CONFORMANCE[2],
+            AttentionShape(B=3, T=40, S=56, N=4, K=2, H=16))
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sliding_window",
+                                             "scale", "dropout_rate",
+                                             "return_lse"))
+def _one_example_per_step(q, k, v, **kw):
+  # Patched while tracing: the compiled program takes one example per step.
+  with mock.patch.object(blockwise, "_MAX_STEP_ENTRIES", 1):
+    return pallas_kernels.flash_attention(q, k, v, backend="xla",
+                                          block_sizes=SMALL_BLOCKS, **kw)
+
+
+class TestBlockwiseByExamples(AttentionConformance):
+  # Per-example masks and dropout bits must follow each example into its
+  # step (dropout hashes the example's index in the whole batch).
+  CASES = diagonal_cases(shapes=_BATCHED, masks=MASK_KINDS)
+  GRAD_CASES = diagonal_cases(shapes=_BATCHED, masks=MASK_KINDS,
+                              dtypes=("float32", "bfloat16"),
+                              dropouts=(0.0, 0.25))
+  DROPOUT_CASES = diagonal_cases(shapes=_BATCHED,
+                                 masks=("none", "causal", "all"),
+                                 dropouts=(0.3,))
+
+  def attention(self, q, k, v, **kw):
+    return _one_example_per_step(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("B,N,T,expected", [
+    (1, 8, 4096, 1),  # one example: never split
+    (4, 8, 1024, 1),  # 1024 x 256 blocks of 8 heads: 2M entries each
+    (4, 8, 512, 2),  # 512 x 256 forward, 256 x 512 backward: 1M
+    (4, 8, 256, 4),
+    (6, 8, 256, 3),  # 4 would fit; 3 divides the batch
+    (7, 8, 256, 1),
+    (4, 1, 1024, 4),
+])
+def test_examples_per_step(B, N, T, expected):
+  prep = common.prepare(*(jax.ShapeDtypeStruct((B, T, N, 64), jnp.float32)
+                          for _ in range(3)))
+  sizes = blockwise.default_block_sizes(prep.spec)
+  st = blockwise._Static(
+      plan=blockwise.plan(prep.spec, T, T, sizes),
+      bwd_plan=blockwise.plan(prep.spec, T, T, sizes.backward),
+      spec=prep.spec, B=B, K=N, G=1, scale=0.125, dropout_rate=0.0)
+  assert blockwise._examples_per_step(st) == expected
+
+
+def test_two_examples_per_step_keep_their_dropout_bits():
+  # Four examples, two per step: the second step's examples are 2 and 3 of
+  # the batch, for the dropout hash and the per-example masks alike.
+  shape = AttentionShape(B=4, T=24, S=24, N=2, K=2, H=16)
+  q, k, v, kw = make_inputs(Case(shape, "all", dropout=0.3))
+  causal = kw.pop("causal", False)
+  # SMALL_BLOCKS on T=24: 12 x 24 blocks, 576 entries per example.
+  with mock.patch.object(blockwise, "_MAX_STEP_ENTRIES", 1200):
+    fn = lambda q, k, v: pallas_kernels.flash_attention(
+        q, k, v, causal=causal, backend="xla", block_sizes=SMALL_BLOCKS,
+        **kw)
+    out = jax.jit(fn)(q, k, v)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))),
+                             (0, 1, 2)))(q, k, v)
+  ref = lambda q, k, v: reference_attention(q, k, v, causal=causal, **kw)
+  assert_close(out, ref(q, k, v), FORWARD)
+  ref_grads = jax.grad(lambda *a: jnp.sum(jnp.sin(ref(*a))), (0, 1, 2))(
+      q, k, v)
+  for g, r in zip(grads, ref_grads):
+    assert_close(g, r, GRAD)
 
 
 # -- block skipping -----------------------------------------------------------
