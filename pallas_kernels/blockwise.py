@@ -1092,13 +1092,19 @@ _MAX_STEP_ENTRIES = 1 << 21
 
 
 def _examples_per_step(st: _Static) -> int:
-  """The most examples, a divisor of B, whose scores per update (forward and
-  backward blocks) stay within ``_MAX_STEP_ENTRIES``; at least one."""
+  """How many examples each step takes: the most, dividing B, whose scores
+  per update (forward and backward blocks) stay within
+  ``_MAX_STEP_ENTRIES``. When no divisor comes within a quarter of it (a
+  prime B of short sequences), B is cut into balanced steps instead and the
+  last one padded: many tiny steps would cost more than the padding."""
   f, b = st.plan, st.bwd_plan
   per_example = st.K * st.G * max(f.block_q * f.block_k,
                                   b.block_q * b.block_k)
   fits = max(1, _MAX_STEP_ENTRIES // per_example)
-  return max(d for d in range(1, min(fits, st.B) + 1) if st.B % d == 0)
+  step = max(d for d in range(1, min(fits, st.B) + 1) if st.B % d == 0)
+  if 4 * step * per_example < _MAX_STEP_ENTRIES:
+    step = _balanced(st.B, fits)
+  return step
 
 
 def _attention_by_examples(st: _Static, q, k, v, data: masks_lib.MaskData,
@@ -1106,9 +1112,9 @@ def _attention_by_examples(st: _Static, q, k, v, data: masks_lib.MaskData,
   """:func:`_attention` over the batch, ``st.B`` examples at a time.
 
   Args:
-    st: the statics of one group (``st.B`` examples).
-    q, k, v: ``(B, T, N, H)``, ``(B, S, K, H | Hv)``, ``B`` a multiple of
-      ``st.B``.
+    st: the statics of one step (``st.B`` examples).
+    q, k, v: ``(B, T, N, H)``, ``(B, S, K, H | Hv)``; ``B`` is padded with
+      zero examples to whole steps, whose outputs are dropped.
     data: the per-example masks of all ``B`` examples.
     seeds: ``(2,)`` int32 dropout seeds, or None.
 
@@ -1116,8 +1122,9 @@ def _attention_by_examples(st: _Static, q, k, v, data: masks_lib.MaskData,
     ``(out (B, T, N, Hv), lse (B, N, T))``.
   """
   B = q.shape[0]
-  groups = B // st.B
-  split = lambda x: x.reshape((groups, st.B) + x.shape[1:])
+  groups = _cdiv(B, st.B)
+  split = lambda x: _pad_axis(x, 0, groups * st.B).reshape(
+      (groups, st.B) + x.shape[1:])
   # Per-example arrays are cut with the batch; a mask broadcast over it
   # (#B == 1) is the same for every group.
   per_example = {f.name: split(x) for f in dataclasses.fields(data)
@@ -1133,4 +1140,5 @@ def _attention_by_examples(st: _Static, q, k, v, data: masks_lib.MaskData,
 
   out, lse = lax.map(group, (split(q), split(k), split(v), per_example,
                              offsets))
-  return out.reshape((B,) + out.shape[2:]), lse.reshape((B,) + lse.shape[2:])
+  merge = lambda x: x.reshape((groups * st.B,) + x.shape[2:])[:B]
+  return merge(out), merge(lse)

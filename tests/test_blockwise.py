@@ -82,28 +82,35 @@ class TestBlockwiseByExamples(AttentionConformance):
     (4, 8, 512, 2),  # 512 x 256 forward, 256 x 512 backward: 1M
     (4, 8, 256, 4),
     (6, 8, 256, 3),  # 4 would fit; 3 divides the batch
-    (7, 8, 256, 1),
+    (7, 8, 256, 1),  # 524k entries each: no padding
+    (1009, 8, 64, 64),  # 32k each: 16 steps, the last padded by 15
     (4, 1, 1024, 4),
 ])
 def test_examples_per_step(B, N, T, expected):
-  prep = common.prepare(*(jax.ShapeDtypeStruct((B, T, N, 64), jnp.float32)
-                          for _ in range(3)))
-  sizes = blockwise.default_block_sizes(prep.spec)
+  assert _examples_per_step(B, N, T) == expected
+
+
+def _examples_per_step(B, N, T, block_sizes=None):
+  spec = MaskSpec.full()
+  sizes = block_sizes or blockwise.default_block_sizes(spec)
   st = blockwise._Static(
-      plan=blockwise.plan(prep.spec, T, T, sizes),
-      bwd_plan=blockwise.plan(prep.spec, T, T, sizes.backward),
-      spec=prep.spec, B=B, K=N, G=1, scale=0.125, dropout_rate=0.0)
-  assert blockwise._examples_per_step(st) == expected
+      plan=blockwise.plan(spec, T, T, sizes),
+      bwd_plan=blockwise.plan(spec, T, T, sizes.backward),
+      spec=spec, B=B, K=N, G=1, scale=0.125, dropout_rate=0.0)
+  return blockwise._examples_per_step(st)
 
 
-def test_two_examples_per_step_keep_their_dropout_bits():
-  # Four examples, two per step: the second step's examples are 2 and 3 of
-  # the batch, for the dropout hash and the per-example masks alike.
-  shape = AttentionShape(B=4, T=24, S=24, N=2, K=2, H=16)
+def test_padded_steps_keep_each_examples_dropout_bits():
+  # Five examples, three per step, the last step padded by one: the second
+  # step's examples are 3 and 4 of the batch, for the dropout hash and the
+  # per-example masks alike.
+  shape = AttentionShape(B=5, T=24, S=24, N=2, K=2, H=16)
   q, k, v, kw = make_inputs(Case(shape, "all", dropout=0.3))
   causal = kw.pop("causal", False)
-  # SMALL_BLOCKS on T=24: 12 x 24 blocks, 576 entries per example.
-  with mock.patch.object(blockwise, "_MAX_STEP_ENTRIES", 1200):
+  # SMALL_BLOCKS on T=24: 12 x 24 blocks, 576 entries per example; 4 fit,
+  # no divisor of 5 comes close.
+  with mock.patch.object(blockwise, "_MAX_STEP_ENTRIES", 2400):
+    assert _examples_per_step(5, 2, 24, SMALL_BLOCKS) == 3
     fn = lambda q, k, v: pallas_kernels.flash_attention(
         q, k, v, causal=causal, backend="xla", block_sizes=SMALL_BLOCKS,
         **kw)
