@@ -1086,8 +1086,9 @@ def attention(q, k, v, prep: common.Prepared, *,
 # B=4, T=1024 (one example per step): forward 0.85-0.93, forward+backward
 # 0.86-0.92. B=4, T=512: forward 0.67-0.77; forward+backward 0.83-0.86 causal
 # (one per step), 1.05-1.07 full (two per step). B=2, T=1024: forward full
-# 0.88, the rest 0.98-1.02. Splitting one example's heads instead was slower
-# (B=1, T=2048: by 5-12%).
+# 0.88, the rest 0.98-1.02. B=7, T=256 (one per step): 0.77-1.05. B=1009,
+# T=64 (64 per step, padded): forward 0.79-0.85, forward+backward 0.97-1.10.
+# Splitting one example's heads instead was slower (B=1, T=2048: by 5-12%).
 _MAX_STEP_ENTRIES = 1 << 21
 
 
