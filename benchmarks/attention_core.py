@@ -13,8 +13,8 @@ Implementations:
   sizes; memory linear in T.
 * ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``.
 
-Timings are interleaved (one call of each implementation per round, so load
-from other processes hits all of them alike) and reported as medians.
+Timings are interleaved (one call of each implementation per round, in a
+shuffled order: :mod:`benchmarks.rounds`) and reported as medians.
 GFLOP/s count only the attended (query, key) pairs, 4 H FLOPs each forward
 and 14 H forward plus backward. The machine's matmul rate is a plain fp32
 ``jnp.dot`` of two ``(n, n)`` matrices with the same FLOPs (``2 n^3``),
@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmarks import rounds as rounds_lib
 from pallas_kernels import blockwise
 from pallas_kernels import common
 from pallas_kernels import reference
@@ -128,10 +129,11 @@ def run(seq_lengths, rounds: int):
         for impl in IMPLS:  # warm-up
           _time_once(fns[impl], q, k, v)
         _time_once(matmul, a, a)
-        for _ in range(rounds):
-          for impl in IMPLS:
-            times[impl].append(_time_once(fns[impl], q, k, v))
-          times["matmul"].append(_time_once(matmul, a, a))
+        for order in rounds_lib.orders(IMPLS + ("matmul",), rounds):
+          for impl in order:
+            fn, fn_args = ((matmul, (a, a)) if impl == "matmul"
+                           else (fns[impl], (q, k, v)))
+            times[impl].append(_time_once(fn, *fn_args))
         med = {impl: statistics.median(ts) for impl, ts in times.items()}
         row = dict(
             T=T, S=T, B=B, N=N, H=H, mask="causal" if causal else "full",
@@ -166,9 +168,9 @@ def sweep(seq_lengths, rounds: int, candidates=SWEEP_CANDIDATES):
       times = {key: [] for key in fns}
       for fn in fns.values():  # warm-up
         _time_once(fn, q, k, v)
-      for _ in range(rounds):
-        for key, fn in fns.items():
-          times[key].append(_time_once(fn, q, k, v))
+      for order in rounds_lib.orders(list(fns), rounds):
+        for key in order:
+          times[key].append(_time_once(fns[key], q, k, v))
       for c in candidates:
         full, causal = (statistics.median(times[(m, c)]) * 1e3
                         for m in (False, True))

@@ -19,8 +19,8 @@ the attention core alone), two modes (forward; forward and backward, the
 gradient with respect to every argument: params and input, or q, k and v),
 full and causal masks. Every implementation of one configuration is compiled
 and warmed up first; then each round runs every implementation once, in an
-order rotated from round to round, so that load from other processes falls
-on all of them alike. Times are medians over rounds. A large fp32 matmul
+order shuffled anew each round (:mod:`benchmarks.rounds`), so that load from
+other processes falls on all of them alike. Times are medians over rounds. A large fp32 matmul
 runs in the same rounds and gives the machine's matmul rate.
 
 Memory is XLA's compiled estimate (``memory_analysis()``: temp + argument +
@@ -63,6 +63,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxmha  # noqa: E402
+from benchmarks import rounds as rounds_lib  # noqa: E402
 from benchmarks import shapes  # noqa: E402
 from jaxmha import dispatch  # noqa: E402
 from pallas_kernels import common  # noqa: E402
@@ -495,10 +496,8 @@ def measure_config(settings: Settings, models: Models, impls, scope: str,
   rounds = max(settings.rounds, min(
       settings.max_rounds, int(settings.round_budget_s / max(round_s, 1e-6))))
   times = {key: [] for key in runners}
-  keys = list(runners)
-  for r in range(rounds):
-    shift = r % len(keys)
-    for key in keys[shift:] + keys[:shift]:
+  for order in rounds_lib.orders(list(runners), rounds):
+    for key in order:
       call, reps = runners[key]
       times[key].append(_sample(call, reps))
   del runners
@@ -941,7 +940,7 @@ def markdown(result: dict) -> str:
       f"N={s['N']}, H={s['H']}, D={s['D']}, fp32, self-attention (S=T). "
       f"Times are medians of {s['rounds']} to {s['max_rounds']} interleaved "
       "rounds (more for short configurations; each round runs every "
-      "implementation and both masks once, order rotated; compile and "
+      "implementation and both masks once, order shuffled; compile and "
       "warm-up excluded); `x Keras` is Keras's median time over this one's "
       "(>1: faster). GFLOP/s counts attention 4BNTSH (halved when causal) "
       "plus projections 2BTDNH x4 (layer only), backward 2x forward; "

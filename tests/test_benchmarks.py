@@ -1,7 +1,8 @@
 """The comparison benchmark (``python -m benchmarks.compare``): its smoke run
 writes the JSON, the markdown tables and the plot; its FLOP count, fit and
 smoke grid are right. The op-kind profile of ``benchmarks.attention_core``
-classifies ops and splits a call's time.
+classifies ops and splits a call's time. ``benchmarks.blockwise_ab`` times
+two versions of the blockwise path and a control.
 
 Shape letters: B batch, T query length, N heads, H head dim, D features.
 """
@@ -16,6 +17,7 @@ import matplotlib.image
 import pytest
 
 from benchmarks import attention_core
+from benchmarks import blockwise_ab
 from benchmarks import compare
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,3 +150,21 @@ def test_op_profile_splits_a_call_by_op_kind():
   # wall time per thread (plus slack for the traced calls' spread).
   assert sum(prof["op_ms"].values()) <= (
       2 * prof["wall_ms"] * (os.cpu_count() or 1)), prof
+
+
+def test_blockwise_ab_times_both_versions_and_a_control():
+  rows = blockwise_ab.main(["--base", "HEAD", "--batch", "2", "--seq-len",
+                            "40", "--heads", "2", "--rounds", "2"])
+  assert [(r["pass"], r["mask"]) for r in rows] == [
+      ("fwd", "full"), ("fwd", "causal"), ("fwd+bwd", "full"),
+      ("fwd+bwd", "causal")]
+  for r in rows:
+    assert all(ms > 0 for ms in r["ms"].values()), r
+    assert r["new/base"] > 0 and r["control/base"] > 0, r
+    # The committed version and the working tree compute the same function.
+    assert r["max_rel_diff"] < 1e-3, r
+
+
+def test_blockwise_ab_names_a_bad_revision():
+  with pytest.raises(SystemExit, match="no-such-revision"):
+    blockwise_ab.main(["--base", "no-such-revision", "--seq-len", "16"])
