@@ -1081,14 +1081,15 @@ def attention(q, k, v, prep: common.Prepared, *,
 # Each update computes the scores of all its examples' heads at once:
 # (examples * N, rows, cols) entries. Past this many (fp32: 8 MiB, their size
 # at B=1, N=8, where the default blocks were tuned) the batch is taken a group
-# of examples at a time. Interleaved A/B against all examples at once (fp32,
-# N=8, H=64; time ratios, where two identical programs differed by up to 7%):
-# B=4, T=1024 (one example per step): forward 0.85-0.93, forward+backward
-# 0.86-0.92. B=4, T=512: forward 0.67-0.77; forward+backward 0.83-0.86 causal
-# (one per step), 1.05-1.07 full (two per step). B=2, T=1024: forward full
-# 0.88, the rest 0.98-1.02. B=7, T=256 (one per step): 0.77-1.05. B=1009,
-# T=64 (64 per step, padded): forward 0.79-0.85, forward+backward 0.97-1.10.
-# Splitting one example's heads instead was slower (B=1, T=2048: by 5-12%).
+# of examples at a time. Measured with `python -m benchmarks.blockwise_ab`
+# against all examples at once (fp32, N=8, H=64; time ratios forward full,
+# causal / forward+backward full, causal; the control stayed within 4%):
+# B=4, T=1024 (one example per step): 0.91, 0.91 / 0.95, 0.90. B=4, T=512
+# (two per step full, one causal): 0.80, 0.63 / 1.04, 0.78. B=7, T=256 (one
+# per step): 1.01, 0.76 / 0.85, 0.82. B=2, T=1024 (one per step): 0.90,
+# 1.03 / 1.01, 1.02. B=1009, T=64 (64 per step, the last padded): 0.95, 0.84
+# / 1.16, 1.02. Splitting one example's heads instead was slower (B=1,
+# T=2048: by 5-12%).
 _MAX_STEP_ENTRIES = 1 << 21
 
 
