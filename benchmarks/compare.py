@@ -20,8 +20,9 @@ gradient with respect to every argument: params and input, or q, k and v),
 full and causal masks. Every implementation of one configuration is compiled
 and warmed up first; then each round runs every implementation once, in an
 order shuffled anew each round (:mod:`benchmarks.rounds`), so that load from
-other processes falls on all of them alike. Times are medians over rounds. A large fp32 matmul
-runs in the same rounds and gives the machine's matmul rate.
+other processes falls on all of them alike. Times are medians over rounds.
+A large fp32 matmul runs in the same rounds and gives the machine's matmul
+rate.
 
 Memory is XLA's compiled estimate (``memory_analysis()``: temp + argument +
 output bytes). The longest-trainable-sequence sweep compiles the layer's
