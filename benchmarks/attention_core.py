@@ -68,14 +68,16 @@ DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "results",
 
 
 def _attention_fn(impl: str, prep: common.Prepared, causal: bool,
-                  block_sizes=None):
+                  block_sizes=None, blockwise_module=blockwise):
   """``(q, k, v) -> out (B, T, N, H)`` for one implementation
-  (``block_sizes``: the blockwise path's, None for its defaults)."""
+  (``block_sizes``: the blockwise path's, None for its defaults;
+  ``blockwise_module``: another version of it, see
+  :mod:`benchmarks.blockwise_ab`)."""
   if impl == "reference":
     return lambda q, k, v: reference.attention_core(
         q, k, v, prep, precision=lax.Precision.DEFAULT)[0]
   if impl == "blockwise":
-    return lambda q, k, v: blockwise.attention(
+    return lambda q, k, v: blockwise_module.attention(
         q, k, v, prep, block_sizes=block_sizes)[0]
   if impl == "xla":
     return lambda q, k, v: jax.nn.dot_product_attention(
@@ -83,9 +85,10 @@ def _attention_fn(impl: str, prep: common.Prepared, causal: bool,
   raise ValueError(f"Unknown implementation {impl!r}.")
 
 
-def _compiled(impl, q, k, v, d_out, causal, backward, block_sizes=None):
+def _compiled(impl, q, k, v, d_out, causal, backward, block_sizes=None,
+              blockwise_module=blockwise):
   prep = common.prepare(q, k, v, causal=causal)
-  attention = _attention_fn(impl, prep, causal, block_sizes)
+  attention = _attention_fn(impl, prep, causal, block_sizes, blockwise_module)
   fn = attention
   if backward:
     loss = lambda q, k, v: jnp.sum(attention(q, k, v) * d_out)

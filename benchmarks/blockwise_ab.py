@@ -34,12 +34,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import attention_core
 from benchmarks import rounds as rounds_lib
 from pallas_kernels import common
 
@@ -68,20 +68,6 @@ def source_at(revision: str) -> str:
   return proc.stdout
 
 
-def _program(module, causal: bool, backward: bool, args):
-  def core(q, k, v):
-    prep = common.prepare(q, k, v, causal=causal)
-    return module.attention(q, k, v, prep)[0]
-
-  def fn(q, k, v, d_out):
-    if not backward:
-      return core(q, k, v)
-    _, vjp = jax.vjp(core, q, k, v)
-    return vjp(d_out)
-
-  return jax.jit(fn).lower(*args).compile()
-
-
 def _max_relative_difference(a, b) -> float:
   worst = 0.0
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -103,27 +89,28 @@ def compare(modules: dict, B: int, T: int, rounds: int, N: int = 8,
     Rows with the median milliseconds of each version, their ratios to the
     base and the largest output difference from the base.
   """
-  keys = jax.random.split(jax.random.key(0), 4)
-  args = tuple(jax.random.normal(k, (B, T, N, H), jnp.float32) for k in keys)
+  q, k, v, d_out = (jax.random.normal(r, (B, T, N, H), jnp.float32)
+                    for r in jax.random.split(jax.random.key(0), 4))
   cases = list(itertools.product(("fwd", "fwd+bwd"), ("full", "causal")))
-  programs = {(p, m, v): _program(modules[v], m == "causal", p == "fwd+bwd",
-                                  args)
-              for p, m in cases for v in VERSIONS}
+  programs = {
+      (p, m, ver): attention_core._compiled(
+          "blockwise", q, k, v, d_out, m == "causal", p == "fwd+bwd",
+          blockwise_module=modules[ver])
+      for p, m in cases for ver in VERSIONS}
   differences = {}
   for p, m in cases:
-    base = programs[(p, m, "base")](*args)
+    base = programs[(p, m, "base")](q, k, v)
     differences[(p, m)] = max(
-        _max_relative_difference(programs[(p, m, v)](*args), base)
-        for v in VERSIONS[1:])
+        _max_relative_difference(programs[(p, m, ver)](q, k, v), base)
+        for ver in VERSIONS[1:])
   times = {key: [] for key in programs}
   for order in rounds_lib.orders(list(programs), rounds):
     for key in order:
-      start = time.perf_counter()
-      jax.block_until_ready(programs[key](*args))
-      times[key].append(time.perf_counter() - start)
+      times[key].append(attention_core._time_once(programs[key], q, k, v))
   rows = []
   for p, m in cases:
-    ms = {v: statistics.median(times[(p, m, v)]) * 1e3 for v in VERSIONS}
+    ms = {ver: statistics.median(times[(p, m, ver)]) * 1e3
+          for ver in VERSIONS}
     rows.append({"B": B, "T": T, "pass": p, "mask": m, "ms": ms,
                  "new/base": ms["new"] / ms["base"],
                  "control/base": ms["control"] / ms["base"],
