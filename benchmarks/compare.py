@@ -30,9 +30,21 @@ forward and backward at ``B=1`` for ``T`` doubling until that estimate
 passes a limit, then runs the largest lengths that fit in a subprocess,
 which reports wall time and peak RSS growth.
 
+Each timed call also counts the process's minor page faults (first touches
+of freshly mapped memory). XLA:CPU allocates a call's temporaries as one
+buffer, and glibc's ``malloc`` maps a buffer larger than 32 MiB afresh on
+every call, so a program whose temporaries pass 32 MiB faults in each 4 KiB
+page of them on every call (about 1 us a page on the machine of
+``benchmarks/results``). Users' programs pay that cost too, so it stays in
+the times; the count shows where it falls. With ``GLIBC_TUNABLES=``
+``glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:``
+``glibc.malloc.trim_threshold=4000000000`` freed memory stays mapped and
+nothing faults after the first call; the setting is recorded with the
+results.
+
 Run::
 
-  python -m benchmarks.compare            # full grid, ~2 h on 2 CPU cores
+  python -m benchmarks.compare            # full grid, ~25 min on 2 CPU cores
   python -m benchmarks.compare --quick    # T in {256, 1024, 2048}
   python -m benchmarks.compare --smoke --out /tmp/bench   # < 30 s, for CI
 
@@ -54,6 +66,10 @@ import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+try:
+  import resource  # noqa: E402
+except ImportError:  # not on Windows
+  resource = None
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -435,6 +451,13 @@ def _matmul_program(M: int):
 # -- timing -------------------------------------------------------------------
 
 
+def _minor_faults() -> int:
+  """This process's minor page faults so far (0 where not counted)."""
+  if resource is None:
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _sample(call, reps: int) -> float:
   """Seconds per call: ``reps`` calls, then wait for the last result."""
   start = time.perf_counter()
@@ -497,10 +520,13 @@ def measure_config(settings: Settings, models: Models, impls, scope: str,
   rounds = max(settings.rounds, min(
       settings.max_rounds, int(settings.round_budget_s / max(round_s, 1e-6))))
   times = {key: [] for key in runners}
+  faults = {key: [] for key in runners}
   for order in rounds_lib.orders(list(runners), rounds):
     for key in order:
       call, reps = runners[key]
+      before = _minor_faults()
       times[key].append(_sample(call, reps))
+      faults[key].append((_minor_faults() - before) / reps)
   del runners
 
   M = settings.matmul_size
@@ -518,6 +544,7 @@ def measure_config(settings: Settings, models: Models, impls, scope: str,
         continue
       e["times_ms"] = [t * 1e3 for t in ts]
       e["median_ms"] = float(np.median(ts) * 1e3)
+      e["faults_per_call"] = float(np.median(faults[(impl.name, causal)]))
       e["gflops"] = work / float(np.median(ts)) / 1e9
       e["pct_matmul"] = 100.0 * e["gflops"] / mm_rate
       if ref:
@@ -929,6 +956,10 @@ def summary(result: dict) -> str:
   return "\n".join(lines)
 
 
+def _thousands(x: Optional[float]) -> Optional[float]:
+  return None if x is None else x / 1000.0
+
+
 def markdown(result: dict) -> str:
   s = result["settings"]
   env = result["environment"]
@@ -937,7 +968,9 @@ def markdown(result: dict) -> str:
       "jax.nn.dot_product_attention", "",
       f"Run `{result['command']}` ({s['name']}) on {env['date']}: "
       f"{env['cpu']}, {env['cores']} cores, jax {env['jax']}, keras "
-      f"{env['keras']}, flax {env['flax']}, backend {env['backend']}.", "",
+      f"{env['keras']}, flax {env['flax']}, backend {env['backend']}"
+      + (f", GLIBC_TUNABLES={env['glibc_tunables']}"
+         if env.get("glibc_tunables") else "") + ".", "",
       f"N={s['N']}, H={s['H']}, D={s['D']}, fp32, self-attention (S=T). "
       f"Times are medians of {s['rounds']} to {s['max_rounds']} interleaved "
       "rounds (more for short configurations; each round runs every "
@@ -946,7 +979,10 @@ def markdown(result: dict) -> str:
       "(>1: faster). GFLOP/s counts attention 4BNTSH (halved when causal) "
       "plus projections 2BTDNH x4 (layer only), backward 2x forward; "
       "`% mm` is that over the fp32 matmul rate measured in the same rounds. "
-      "`mem` is XLA's compiled estimate (temp + arguments + outputs).", "",
+      "`mem` is XLA's compiled estimate (temp + arguments + outputs); "
+      "`faults k` is minor page faults per call, in thousands: glibc maps "
+      "temporaries over 32 MiB afresh on every call, and each 4 KiB page "
+      "faults when first touched.", "",
       f"Matmul rate ({s['matmul_size']}^3 fp32): median "
       f"{result['matmul_gflops']['median']:.1f} GFLOP/s over all rounds "
       f"(range {result['matmul_gflops']['min']:.1f}-"
@@ -970,8 +1006,8 @@ def markdown(result: dict) -> str:
         title = "layer" if scope == "layer" else "attention core"
         lines += [f"## {title}, {'forward' if mode == 'fwd' else 'forward + backward'}, {mask} mask", "",
                   "| B | T | implementation | path | time ms | x Keras | "
-                  "GFLOP/s | % mm | mem MiB | rounds |",
-                  "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "GFLOP/s | % mm | mem MiB | faults k | rounds |",
+                  "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for c in rows:
           for name in order:
             e = c["impls"].get(name)
@@ -985,14 +1021,16 @@ def markdown(result: dict) -> str:
               why = e.get("skipped") or e.get("error", "")
               lines.append(f"| {c['B']} | {c['T']} | {name} | {path} | "
                            f"{why[:80]} | | | | "
-                           f"{_fmt(mem and mem / _MIB, '.1f')} | |")
+                           f"{_fmt(mem and mem / _MIB, '.1f')} | | |")
               continue
             lines.append(
                 f"| {c['B']} | {c['T']} | {name} | {path} | "
                 f"{e['median_ms']:.1f} | "
                 f"{_fmt(e.get('speedup_vs_keras'), '.2f')} | "
                 f"{e['gflops']:.1f} | {e['pct_matmul']:.0f} | "
-                f"{_fmt(mem and mem / _MIB, '.1f')} | {c.get('rounds', '')} |")
+                f"{_fmt(mem and mem / _MIB, '.1f')} | "
+                f"{_fmt(_thousands(e.get('faults_per_call')), '.1f')} | "
+                f"{c.get('rounds', '')} |")
         lines.append("")
   sw = result.get("sweep")
   if sw:
@@ -1137,6 +1175,8 @@ def _environment() -> dict:
   return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
           "cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
           "backend": jax.default_backend(), "python": platform.python_version(),
+          # Changes the allocator's page faults (see the module docstring).
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
           **versions}
 
 

@@ -51,6 +51,7 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
       assert e["median_ms"] > 0 and e["gflops"] > 0, (name, e)
       assert e["memory"]["peak"] > 0, (name, e)
       assert e["speedup_vs_keras"] > 0, (name, e)
+      assert e["faults_per_call"] >= 0, (name, e)
     assert c["impls"]["keras"]["speedup_vs_keras"] == pytest.approx(1.0)
   run = result["sweep"]["jaxmha"]["runs"][0]
   assert run["ok"] and run["finite"] and run["wall_s"] > 0, run
@@ -59,6 +60,7 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
   md = (tmp_path / "compare.md").read_text()
   assert "## Targets" in md
   assert "| B | T | implementation | path | time ms | x Keras |" in md
+  assert "| mem MiB | faults k | rounds |" in md
   assert "## Longest trainable sequence" in md
 
   with open(tmp_path / "compare.png", "rb") as f:
