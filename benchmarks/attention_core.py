@@ -2,8 +2,9 @@
 
 Shape letters: B batch, T query length, S key/value length, N heads, H head
 dim. fp32, ``B=1, N=8, H=64, T=S``; full and causal; forward, and forward
-plus backward (the gradient of ``sum(out * d_out)`` with respect to q, k, v),
-each under ``jit``.
+plus backward (the gradient of ``0.5 * sum((out - target)**2)`` with
+respect to q, k, v, as in a training step: see
+:func:`benchmarks.compare.loss_gradient`), each under ``jit``.
 
 Implementations:
 
@@ -85,19 +86,21 @@ def _attention_fn(impl: str, prep: common.Prepared, causal: bool,
   raise ValueError(f"Unknown implementation {impl!r}.")
 
 
-def _compiled(impl, q, k, v, d_out, causal, backward, block_sizes=None,
+def _compiled(impl, q, k, v, target, causal, backward, block_sizes=None,
               blockwise_module=blockwise):
   prep = common.prepare(q, k, v, causal=causal)
   attention = _attention_fn(impl, prep, causal, block_sizes, blockwise_module)
   fn = attention
   if backward:
-    loss = lambda q, k, v: jnp.sum(attention(q, k, v) * d_out)
+    loss = lambda q, k, v: 0.5 * jnp.sum(jnp.square(attention(q, k, v) -
+                                                    target))
     fn = jax.grad(loss, (0, 1, 2))
   return jax.jit(fn).lower(q, k, v).compile()
 
 
 def _inputs(T: int):
-  """Random ``q, k, v, d_out``, each ``(B, T, N, H)``, drawn from key T."""
+  """Random ``q, k, v`` and the loss's target, each ``(B, T, N, H)``, drawn
+  from key T."""
   return tuple(jax.random.normal(r, (B, T, N, H))
                for r in jax.random.split(jax.random.key(T), 4))
 
@@ -118,11 +121,11 @@ def run(seq_lengths, rounds: int):
   matmul = jax.jit(jnp.dot)
   results = []
   for T in seq_lengths:
-    q, k, v, d_out = _inputs(T)
+    q, k, v, target = _inputs(T)
     for causal in (False, True):
       for backward in (False, True):
         flops = _useful_flops(T, causal, backward)
-        fns = {impl: _compiled(impl, q, k, v, d_out, causal, backward)
+        fns = {impl: _compiled(impl, q, k, v, target, causal, backward)
                for impl in IMPLS}
         n = round((flops / 2) ** (1 / 3))
         a = jax.random.normal(jax.random.key(1), (n, n))
@@ -163,9 +166,9 @@ def sweep(seq_lengths, rounds: int, candidates=SWEEP_CANDIDATES):
   """Medians (ms) of the blockwise path per block-size candidate."""
   rows = []
   for T in seq_lengths:
-    q, k, v, d_out = _inputs(T)
+    q, k, v, target = _inputs(T)
     for backward in (False, True):
-      fns = {(causal, c): _compiled("blockwise", q, k, v, d_out, causal,
+      fns = {(causal, c): _compiled("blockwise", q, k, v, target, causal,
                                     backward, blockwise.BlockSizes(*c))
              for causal in (False, True) for c in candidates}
       times = {key: [] for key in fns}
@@ -305,8 +308,8 @@ def op_profile(compiled, args, calls: int = 5) -> dict:
 
 def _print_profile(impl: str, T: int, causal: bool, backward: bool,
                    calls: int) -> dict:
-  q, k, v, d_out = _inputs(T)
-  compiled = _compiled(impl, q, k, v, d_out, causal, backward)
+  q, k, v, target = _inputs(T)
+  compiled = _compiled(impl, q, k, v, target, causal, backward)
   prof = op_profile(compiled, (q, k, v), calls)
   total = sum(prof["op_ms"].values())
   print(f"{impl}, T={T}, {'causal' if causal else 'full'}, "

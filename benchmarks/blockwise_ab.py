@@ -89,12 +89,12 @@ def compare(modules: dict, B: int, T: int, rounds: int, N: int = 8,
     Rows with the median milliseconds of each version, their ratios to the
     base and the largest output difference from the base.
   """
-  q, k, v, d_out = (jax.random.normal(r, (B, T, N, H), jnp.float32)
+  q, k, v, target = (jax.random.normal(r, (B, T, N, H), jnp.float32)
                     for r in jax.random.split(jax.random.key(0), 4))
   cases = list(itertools.product(("fwd", "fwd+bwd"), ("full", "causal")))
   programs = {
       (p, m, ver): attention_core._compiled(
-          "blockwise", q, k, v, d_out, m == "causal", p == "fwd+bwd",
+          "blockwise", q, k, v, target, m == "causal", p == "fwd+bwd",
           blockwise_module=modules[ver])
       for p, m in cases for ver in VERSIONS}
   differences = {}

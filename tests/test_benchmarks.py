@@ -2,7 +2,8 @@
 writes the JSON, the markdown tables and the plot; its FLOP count, fit and
 smoke grid are right. The op-kind profile of ``benchmarks.attention_core``
 classifies ops and splits a call's time. ``benchmarks.blockwise_ab`` times
-two versions of the blockwise path and a control.
+two versions of the blockwise path and a control. The forward+backward
+programs take the gradient of a loss of the output, as a training step does.
 
 Shape letters: B batch, T query length, N heads, H head dim, D features.
 """
@@ -13,7 +14,9 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import matplotlib.image
+import numpy as np
 import pytest
 
 from benchmarks import attention_core
@@ -140,9 +143,9 @@ def test_op_kinds_classify_fusions_by_their_bodies():
 
 def test_op_profile_splits_a_call_by_op_kind():
   B, T, N, H = 1, 256, 2, 16
-  q, k, v, d_out = (jax.random.normal(jax.random.key(i), (B, T, N, H))
+  q, k, v, target = (jax.random.normal(jax.random.key(i), (B, T, N, H))
                     for i in range(4))
-  compiled = attention_core._compiled("blockwise", q, k, v, d_out,
+  compiled = attention_core._compiled("blockwise", q, k, v, target,
                                       causal=True, backward=True)
   prof = attention_core.op_profile(compiled, (q, k, v), calls=2)
   assert prof["wall_ms"] > 0
@@ -170,3 +173,21 @@ def test_blockwise_ab_times_both_versions_and_a_control():
 def test_blockwise_ab_names_a_bad_revision():
   with pytest.raises(SystemExit, match="no-such-revision"):
     blockwise_ab.main(["--base", "no-such-revision", "--seq-len", "16"])
+
+
+def test_loss_gradient_is_the_vjp_of_the_error():
+  # A training step's backward: d/dargs of 0.5 * sum((fn(args) - target)^2)
+  # is the VJP of fn with the error fn(args) - target as its cotangent.
+  def fn(w, x):
+    return jnp.tanh(x @ w["kernel"]) * w["scale"]
+
+  keys = jax.random.split(jax.random.key(0), 4)
+  w = {"kernel": jax.random.normal(keys[0], (5, 3)),
+       "scale": jax.random.normal(keys[1], (3,))}
+  x = jax.random.normal(keys[2], (4, 5))
+  target = jax.random.normal(keys[3], (4, 3))
+  got = compare.loss_gradient(fn)(w, x, target)
+  out, vjp = jax.vjp(fn, w, x)
+  want = vjp(out - target)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
