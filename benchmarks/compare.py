@@ -37,11 +37,10 @@ buffer, and glibc's ``malloc`` maps a buffer larger than 32 MiB afresh on
 every call, so a program whose temporaries pass 32 MiB faults in each 4 KiB
 page of them on every call (about 1 us a page on the machine of
 ``benchmarks/results``). Users' programs pay that cost too, so it stays in
-the times; the count shows where it falls. With ``GLIBC_TUNABLES=``
-``glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:``
-``glibc.malloc.trim_threshold=4000000000`` freed memory stays mapped and
-nothing faults after the first call; the setting is recorded with the
-results.
+the times; the count shows where it falls. ``GLIBC_TUNABLES`` is recorded
+with the results: with ``glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:``
+``glibc.malloc.trim_threshold=4000000000`` nothing faults after the first
+call, but every program ran slower (``benchmarks/results/no_page_faults``).
 
 Run::
 

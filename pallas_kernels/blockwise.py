@@ -1089,11 +1089,13 @@ def attention(q, k, v, prep: common.Prepared, *,
 # per step): 1.01, 0.76 / 0.85, 0.82. B=2, T=1024 (one per step): 0.90,
 # 1.03 / 1.01, 1.02. B=1009, T=64 (64 per step, the last padded): 0.95, 0.84
 # / 1.16, 1.02. Splitting one example's heads instead was slower (B=1,
-# T=2048: by 5-12%). Half this budget ran the layer's forward+backward at
-# B=4, T=256 (full) 1.3x faster, but only because it kept the program's
-# temporaries under 32 MiB, past which glibc maps them afresh, and they are
-# page-faulted in, on every call (see benchmarks/compare.py); it was 4-9%
-# slower at B=2, T=512 and B=16, T=128, so the budget stays.
+# T=2048: by 5-12%). Half this budget ran the layer's forward+backward (as
+# a VJP of an input cotangent) at B=4, T=256 1.3x faster, only because it
+# kept the program's temporaries (38 MiB) under 32 MiB, past which glibc
+# maps them afresh, and they are page-faulted in, on every call (see
+# benchmarks/compare.py); as a loss gradient they are 28 MiB with this
+# budget. It was 4-9% slower at B=2, T=512 and B=16, T=128: the budget
+# stays.
 _MAX_STEP_ENTRIES = 1 << 21
 
 
