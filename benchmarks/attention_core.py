@@ -131,15 +131,15 @@ def run(seq_lengths, rounds: int):
         a = jax.random.normal(jax.random.key(1), (n, n))
         temp = {impl: fns[impl].memory_analysis().temp_size_in_bytes
                 for impl in IMPLS}
-        times = {impl: [] for impl in IMPLS + ("matmul",)}
-        for impl in IMPLS:  # warm-up
-          _time_once(fns[impl], q, k, v)
-        _time_once(matmul, a, a)
-        for order in rounds_lib.orders(IMPLS + ("matmul",), rounds):
-          for impl in order:
-            fn, fn_args = ((matmul, (a, a)) if impl == "matmul"
-                           else (fns[impl], (q, k, v)))
-            times[impl].append(_time_once(fn, *fn_args))
+        runners = {impl: (fns[impl], (q, k, v)) for impl in IMPLS}
+        runners["matmul"] = (matmul, (a, a))
+        times = {key: [] for key in runners}
+        for fn, fn_args in runners.values():  # warm-up
+          _time_once(fn, *fn_args)
+        for order in rounds_lib.orders(list(runners), rounds):
+          for key in order:
+            fn, fn_args = runners[key]
+            times[key].append(_time_once(fn, *fn_args))
         med = {impl: statistics.median(ts) for impl, ts in times.items()}
         row = dict(
             T=T, S=T, B=B, N=N, H=H, mask="causal" if causal else "full",
