@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmarks import compare
 from benchmarks import rounds as rounds_lib
 from pallas_kernels import blockwise
 from pallas_kernels import common
@@ -92,9 +93,8 @@ def _compiled(impl, q, k, v, target, causal, backward, block_sizes=None,
   attention = _attention_fn(impl, prep, causal, block_sizes, blockwise_module)
   fn = attention
   if backward:
-    loss = lambda q, k, v: 0.5 * jnp.sum(jnp.square(attention(q, k, v) -
-                                                    target))
-    fn = jax.grad(loss, (0, 1, 2))
+    grad = compare.loss_gradient(attention)
+    fn = lambda q, k, v: grad(q, k, v, target)  # (dq, dk, dv)
   return jax.jit(fn).lower(q, k, v).compile()
 
 
