@@ -252,6 +252,103 @@ def test_causal_schedule_computes_little_more_than_the_triangle(T):
     assert computed <= triangle + T * 64 / 2, (by_q, computed - triangle)
 
 
+# -- the causal diagonal in halving squares -------------------------------------
+
+
+@pytest.mark.parametrize("b", [512, 1024, 500, 96])
+def test_halving_squares_cover_the_triangle_once(b):
+  # Leaf triangles (masked) and squares of each level, as the stacked
+  # updates slice them: together every entry on or below the diagonal once,
+  # and above it only inside the leaves.
+  leaf = blockwise._triangle_leaf(b)
+  count = np.zeros((b, b), int)
+  for i in range(b // leaf):
+    count[i * leaf:(i + 1) * leaf, i * leaf:(i + 1) * leaf] += 1
+  for n in blockwise._square_counts(b):
+    w = b // (2 * n)
+    for i in range(n):  # second half's queries, first half's keys
+      count[(2 * i + 1) * w:(2 * i + 2) * w, 2 * i * w:(2 * i + 1) * w] += 1
+  lower = np.tril(np.ones((b, b), bool))
+  np.testing.assert_array_equal(count[lower], 1)
+  assert count.max() == 1
+  assert count.sum() - lower.sum() == b * (leaf - 1) // 2
+
+
+def _edges(spec, T, sizes, by_q):
+  p = blockwise.plan(spec, T, T, sizes.backward if not by_q else sizes)
+  st = blockwise._Static(plan=p, bwd_plan=p, spec=spec, B=1, K=1, G=1,
+                         scale=1.0, dropout_rate=0.0)
+  return st, blockwise._schedule(st, by_q, False).kinds
+
+
+def test_triangle_kind_is_the_causal_diagonal_alone():
+  spec = MaskSpec.causal()
+  sizes = blockwise.default_block_sizes(spec)
+  for by_q in (True, False):
+    st, kinds = _edges(spec, 2048, sizes, by_q)
+    assert len(kinds) == 2  # no edge (the first block's), the diagonal
+    kind = lambda **kw: blockwise._triangle_kind(
+        st, kinds[1], by_q, **{"has_data_mask": False, "rate": 0.0, **kw})
+    assert kind()
+    # Per-example masks or dropout also act on the diagonal: the chunks.
+    assert not kind(has_data_mask=True) and not kind(rate=0.1)
+    assert not blockwise._triangle_kind(st, kinds[0], by_q, False, 0.0)
+  # A window's edges, and blocks shorter than _MIN_TRIANGLE_BLOCK.
+  window = MaskSpec.causal() & MaskSpec(left=300, right=None)
+  st, kinds = _edges(window, 2048, sizes, True)
+  assert not any(blockwise._triangle_kind(st, e, True, False, 0.0)
+                 for e in kinds)
+  st, kinds = _edges(spec, 256, sizes, True)
+  assert st.plan.block_q == 256
+  assert not blockwise._triangle_kind(st, kinds[-1], True, False, 0.0)
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    # Both passes by halving squares; grouped heads (G=2).
+    (AttentionShape(B=1, T=1024, S=1024, N=4, K=2, H=16), "float32"),
+    (AttentionShape(B=2, T=1024, S=1024, N=2, K=2, H=16), "bfloat16"),
+    # The last blocks hold one padded row: their diagonal takes the chunks,
+    # the others the squares (a switch on the kind), in both passes.
+    (AttentionShape(B=1, T=1023, S=1023, N=2, K=1, H=16), "float32"),
+    # T != S (top-left): the forward's diagonals, and the backward's first
+    # key blocks; the keys past T are seen by no query.
+    (AttentionShape(B=1, T=1024, S=1536, N=2, K=2, H=16), "float32"),
+])
+def test_causal_diagonal_by_halving_squares(shape, dtype):
+  q, k, v, _ = make_inputs(Case(shape, "causal", dtype=dtype))
+  calls = {"_triangle_state": 0, "_triangle_grads": 0}
+
+  def counted(name):
+    fn = getattr(blockwise, name)
+
+    def wrapper(*args):
+      calls[name] += 1
+      return fn(*args)
+    return wrapper
+
+  fn = lambda q, k, v: pallas_kernels.flash_attention(
+      q, k, v, causal=True, backend="xla", return_lse=True)
+  ref = lambda q, k, v: reference_attention(q, k, v, causal=True,
+                                            return_lse=True)
+  target = jax.random.normal(jax.random.key(1), q.shape[:3] + v.shape[3:])
+  loss = lambda fn: lambda *a: (
+      0.5 * jnp.sum((fn(*a)[0].astype(jnp.float32) - target) ** 2)
+      + jnp.sum(jnp.sin(fn(*a)[1])))
+  with mock.patch.object(blockwise, "_triangle_state",
+                         counted("_triangle_state")), \
+       mock.patch.object(blockwise, "_triangle_grads",
+                         counted("_triangle_grads")):
+    out, lse = jax.jit(fn)(q, k, v)
+    grads = jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
+  assert calls["_triangle_state"] and calls["_triangle_grads"], calls
+  ref_out, ref_lse = ref(q, k, v)
+  assert_close(out, ref_out, FORWARD, dtype)
+  assert_close(lse, ref_lse, FORWARD, dtype)
+  ref_grads = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
+  for g, r in zip(grads, ref_grads):
+    assert_close(g, r, GRAD, dtype)
+
+
 def test_padded_key_blocks_are_masked():
   # Ragged S: the last key block holds padding and is masked.
   p = blockwise.plan(MaskSpec.full(), 64, 100, blockwise.BlockSizes(64, 32))
@@ -358,11 +455,13 @@ def test_block_sizes_are_validated():
 # -- transforms -----------------------------------------------------------------
 
 
-def test_shard_map_over_heads():
+# T=1024 with the default blocks computes the diagonal by halving squares.
+@pytest.mark.parametrize("T,block_sizes", [(48, SMALL_BLOCKS), (1024, None)])
+def test_shard_map_over_heads(T, block_sizes):
   from jax.sharding import Mesh, PartitionSpec as P
 
   mesh = Mesh(np.array(jax.devices()[:1]), ("heads",))
-  shape = AttentionShape(B=1, T=48, S=48, N=4, K=2, H=16)
+  shape = AttentionShape(B=1, T=T, S=T, N=4, K=2, H=16)
   q, k, v, _ = make_inputs(Case(shape))
   spec = P(None, None, "heads", None)
 
@@ -370,7 +469,7 @@ def test_shard_map_over_heads():
   def fn(q, k, v):
     return jax.shard_map(
         lambda q, k, v: pallas_kernels.flash_attention(
-            q, k, v, causal=True, backend="xla", block_sizes=SMALL_BLOCKS),
+            q, k, v, causal=True, backend="xla", block_sizes=block_sizes),
         mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
 
   assert_close(fn(q, k, v), reference_attention(q, k, v, causal=True),
