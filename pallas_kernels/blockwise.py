@@ -1297,23 +1297,23 @@ def attention(q, k, v, prep: common.Prepared, *,
   return out.astype(out_dtype), lse
 
 
-# Each update computes the scores of all its examples' heads at once:
-# (examples * N, rows, cols) entries. Past this many (fp32: 8 MiB, their size
-# at B=1, N=8, where the default blocks were tuned) the batch is taken a group
-# of examples at a time. Measured with `python -m benchmarks.blockwise_ab`
-# against all examples at once (fp32, N=8, H=64; time ratios forward full,
-# causal / forward+backward full, causal; the control stayed within 4%):
-# B=4, T=1024 (one example per step): 0.91, 0.91 / 0.95, 0.90. B=4, T=512
-# (two per step full, one causal): 0.80, 0.63 / 1.04, 0.78. B=7, T=256 (one
-# per step): 1.01, 0.76 / 0.85, 0.82. B=2, T=1024 (one per step): 0.90,
-# 1.03 / 1.01, 1.02. B=1009, T=64 (64 per step, the last padded): 0.95, 0.84
-# / 1.16, 1.02. Splitting one example's heads instead was slower (B=1,
-# T=2048: by 5-12%). Half this budget ran the layer's forward+backward (as
-# a VJP of an input cotangent) at B=4, T=256 1.3x faster, only because it
-# kept the program's temporaries (38 MiB) under 32 MiB, past which glibc
-# maps them afresh, and they are page-faulted in, on every call (see
-# benchmarks/compare.py); as a loss gradient they are 28 MiB with this
-# budget. It was 4-9% slower at B=2, T=512 and B=16, T=128: the budget
+# Each update computes the scores of all its examples' heads at once: (examples
+# * N, rows, cols) entries. Past this many (fp32: 8 MiB, their size at B=1, N=8,
+# where the default blocks were tuned) the batch is taken a group of examples at
+# a time. Measured with `python -m benchmarks.blockwise_ab` against all examples
+# at once (fp32, N=8, H=64; time ratios forward full, causal / forward+backward
+# full, causal; the control stayed within 4%): B=4, T=1024 (one example per
+# step): 0.91, 0.91 / 0.95, 0.90 (0.92, 0.88 / 0.90, 0.95 with forward+backward
+# as a loss gradient, control 0.99-1.08). B=4, T=512 (two per step full, one
+# causal): 0.80, 0.63 / 1.04, 0.78. B=7, T=256 (one per step): 1.01, 0.76 /
+# 0.85, 0.82. B=2, T=1024 (one per step): 0.90, 1.03 / 1.01, 1.02. B=1009, T=64
+# (64 per step, the last padded): 0.95, 0.84 / 1.16, 1.02. Splitting one
+# example's heads instead was slower (B=1, T=2048: by 5-12%). Half this budget
+# ran the layer's forward+backward (as a VJP of an input cotangent) at B=4,
+# T=256 1.3x faster, only because it kept the program's temporaries (38 MiB)
+# under 32 MiB, past which glibc maps them afresh, and they are page-faulted in,
+# on every call (see benchmarks/compare.py); as a loss gradient they are 28 MiB
+# with this budget. It was 4-9% slower at B=2, T=512 and B=16, T=128: the budget
 # stays.
 _MAX_STEP_ENTRIES = 1 << 21
 
