@@ -32,8 +32,10 @@ plus half a chunk per row, whatever the block sizes. Under a plain causal
 mask, diagonal blocks of 512 positions or more are instead cut into halving
 squares, stacked into a few wide updates (:func:`_triangle_state`,
 :func:`_triangle_grads`). Per-example masks
-(segments, lengths, dense) are evaluated per block, and a block they rule
-out for every example is skipped at run time.
+(segments, lengths, dense) are evaluated per block: a block they rule out
+for every example is skipped at run time, and the blocks that the band and
+they allow entirely (the first run of them in each outer block) run
+without a mask.
 
 It runs on any backend and is the CPU default for long sequences.
 """
@@ -292,9 +294,10 @@ class _Static:
 def _block_data(data: masks_lib.MaskData, st: _Static):
   """Pads the per-example masks to whole blocks.
 
-  Also summarises each block for the run-time skip test (see
-  :func:`_block_live`). Padded positions are masked by position or never
-  visited, so the padding values themselves never matter.
+  Also summarises each block for the run-time tests of
+  :func:`_block_live` and :func:`_block_full`. Padded positions are masked
+  by position or never visited, so the padding values themselves never
+  matter.
   """
   p = st.plan
   nq, nk, bq, bk = p.num_q_blocks, p.num_k_blocks, p.block_q, p.block_k
@@ -318,8 +321,9 @@ def _block_data(data: masks_lib.MaskData, st: _Static):
     mask = _pad_axis(_pad_axis(data.mask, 2, Tp), 3, Sp)  # (#B, #N, Tp, Sp)
     out["mask"] = mask
     mB, mN = mask.shape[:2]
-    out["mask_any"] = mask.reshape(mB, mN, nq, bq, nk, bk).any(
-        axis=(0, 1, 3, 5))  # (nq, nk)
+    by_block = mask.reshape(mB, mN, nq, bq, nk, bk)
+    out["mask_any"] = by_block.any(axis=(0, 1, 3, 5))  # (nq, nk)
+    out["mask_all"] = by_block.all(axis=(0, 1, 3, 5))  # (nq, nk)
   return out
 
 
@@ -347,6 +351,50 @@ def _block_live(blocks, st: _Static, qi, kj):
   if "mask_any" in blocks:
     live = _and(live, blocks["mask_any"][qi, kj])
   return live
+
+
+def _block_full(blocks, st: _Static, qi, kj):
+  """True when the per-example masks allow every entry of block ``(qi,
+  kj)`` for every example and head (so it needs no mask of theirs); None
+  without such masks."""
+  p = st.plan
+  full = []
+  if "q_id_range" in blocks:
+    # One segment id across both blocks, in every example.
+    q_min, q_max = (x[:, qi] for x in blocks["q_id_range"])  # (B,)
+    kv_min, kv_max = (x[:, kj] for x in blocks["kv_id_range"])
+    full.append(jnp.all((q_min == q_max) & (kv_min == kv_max)
+                        & (q_min == kv_min)))
+  if "q_lengths" in blocks:
+    full.append((qi + 1) * p.block_q <= jnp.min(blocks["q_lengths"]))
+  if "kv_lengths" in blocks:
+    full.append((kj + 1) * p.block_k <= jnp.min(blocks["kv_lengths"]))
+  if "mask_all" in blocks:
+    full.append(blocks["mask_all"][qi, kj])
+  return functools.reduce(jnp.logical_and, full) if full else None
+
+
+def _masked_step(blocks, st: _Static, qi, kj, masked: bool, step, carry):
+  """Runs ``step(masked, carry)`` on block ``(qi, kj)``, skipping it (the
+  carry returned unchanged) when it is masked and the per-example masks rule
+  it out for every example."""
+  if masked and blocks:
+    return lax.cond(_block_live(blocks, st, qi, kj),
+                    functools.partial(step, True), lambda c: c, carry)
+  return step(masked, carry)
+
+
+def _full_blocks(blocks, st: _Static, o, by_q: bool):
+  """``(n_inner,)`` bool: which inner blocks of outer block ``o`` the
+  per-example masks allow entirely, for every example; None without such
+  masks."""
+  p = st.plan
+  n_inner = p.num_k_blocks if by_q else p.num_q_blocks
+  if not blocks:
+    return None
+  pair = (lambda n: (o, n)) if by_q else (lambda n: (n, o))
+  return jax.vmap(lambda n: _block_full(blocks, st, *pair(n)))(
+      jnp.arange(n_inner, dtype=jnp.int32))
 
 
 def _to_block_layout(x, st: _Static, rows: int, cols: int,
@@ -647,13 +695,40 @@ def _run_edge(sched: _Schedule, o, fn, *operands):
   return lax.switch(jnp.asarray(sched.kind)[o], branches, *operands)
 
 
-def _run_main(sched: _Schedule, o, body, carry):
+def _run_main(sched: _Schedule, o, body, carry, full=None):
   """Runs outer block ``o``'s main loop, ``body(inner, masked, carry)``,
-  and, without kinds, its partial pairs whole and masked."""
+  and, without kinds, its partial pairs whole and masked.
+
+  With per-example masks the main loop is masked, but for its first run of
+  blocks that ``full`` (from :func:`_full_blocks`) marks as allowed
+  entirely: those run without a mask, in a loop of their own. On CPU the
+  select of a masked update is a pass of its own over the scores. Measured
+  against masking every block (fp32, N=8, H=64; time ratios forward full,
+  causal / forward+backward full, causal): 0.89, 0.88 / 0.92, 0.96 with
+  lengths that mask nothing (B=1, T=2048); 0.94, 0.91 / 0.97, 0.95 with
+  lengths 1024, 896, 640 and 1024 (B=4, T=1024); 1.00, 0.98 / 1.01, 0.99
+  with two packed segments per example, which leave no block whole. A
+  conditional per block instead (skip, masked or not) ran 2-6% slower
+  there.
+  """
   ranges = jnp.asarray(sched.ranges)[o]
   lo, a, b, hi = ranges[0], ranges[1], ranges[2], ranges[3]
-  carry = lax.fori_loop(a, b, lambda n, c: body(n, sched.main_masked, c),
-                        carry)
+  if not sched.main_masked:
+    carry = lax.fori_loop(a, b, lambda n, c: body(n, False, c), carry)
+  else:
+    # Blocks [f0, f1) of [a, b) run unmasked, the others masked.
+    f0, f1 = b, b
+    if full is not None:
+      n = jnp.arange(full.shape[0], dtype=jnp.int32)
+      in_main = (n >= a) & (n < b) & full
+      f0 = jnp.min(jnp.where(in_main, n, b))
+      f1 = jnp.maximum(f0, jnp.min(jnp.where((n >= f0) & ~in_main, n, b)))
+      carry = lax.fori_loop(f0, f1, lambda n, c: body(n, False, c), carry)
+
+    def masked_body(t, c):
+      return body(jnp.where(t < f0 - a, a + t, f1 + t - (f0 - a)), True, c)
+
+    carry = lax.fori_loop(0, (f0 - a) + (b - f1), masked_body, carry)
   if sched.kinds is not None:
     return carry
   # Partial pairs whole: both sides in one loop (one copy of the body).
@@ -999,16 +1074,13 @@ def _forward(st: _Static, q_all, k_all, v_all, blocks, seeds):
       k0 = kj * bk
       step = functools.partial(
           update, q, qi * bq, lax.dynamic_slice_in_dim(k_all, k0, bk, 1),
-          lax.dynamic_slice_in_dim(v_all, k0, bk, 1), k0, masked)
-      if masked and blocks:
-        # Skip blocks the per-example masks rule out (the state is
-        # unchanged by a block with no allowed entry).
-        return lax.cond(_block_live(blocks, st, qi, kj), step, lambda c: c,
-                        carry)
-      return step(carry)
+          lax.dynamic_slice_in_dim(v_all, k0, bk, 1), k0)
+      # A skipped block leaves the state as it is: it has no allowed entry.
+      return _masked_step(blocks, st, qi, kj, masked, step, carry)
 
     carry = _run_edge(sched, qi, edge_state, qi, q)
-    m_i, l_i, acc = _run_main(sched, qi, main_step, carry)
+    m_i, l_i, acc = _run_main(sched, qi, main_step, carry,
+                              _full_blocks(blocks, st, qi, by_q=True))
     # Rows that attended nothing kept m_i == MASK_VALUE (and l_i == 0, or
     # the count of masked entries seen): zero output and the empty-row LSE,
     # set explicitly.
@@ -1145,18 +1217,14 @@ def _backward(st: _Static, q_all, k_all, v_all, blocks, seeds, lse_all,
       at = (pad_lo + qi * bq) * G
       dq_i = lax.dynamic_slice_in_dim(dq_t, at, bq * G, 2)  # (BK, H, R)
 
-      def update(state):
+      def step(masked, state):
         dq_i, dk, dv = state
         dq_c, dk_c, dv_c = contributions(k, v, kj * bk, qi * bq, bq, masked)
         return dq_i + dq_c, dk + dk_c, dv + dv_c
 
-      if masked and blocks:
-        # Skip blocks the per-example masks rule out. Only block-sized
-        # values pass through the cond, never the whole dQ.
-        dq_i, dk, dv = lax.cond(_block_live(blocks, st, qi, kj), update,
-                                lambda state: state, (dq_i, dk, dv))
-      else:
-        dq_i, dk, dv = update((dq_i, dk, dv))
+      # Only block-sized values pass through the branches, never all of dQ.
+      dq_i, dk, dv = _masked_step(blocks, st, qi, kj, masked, step,
+                                  (dq_i, dk, dv))
       return lax.dynamic_update_slice_in_dim(dq_t, dq_i, at, 2), dk, dv
 
     if span_hi > span_lo:
@@ -1166,7 +1234,8 @@ def _backward(st: _Static, q_all, k_all, v_all, blocks, seeds, lse_all,
       dq_t = lax.dynamic_update_slice_in_dim(dq_t, dq_win, at, 2)
     else:
       dk, dv = _fresh(anchor, k.shape), _fresh(anchor, v.shape)
-    dq_t, dk, dv = _run_main(sched, kj, main_step, (dq_t, dk, dv))
+    dq_t, dk, dv = _run_main(sched, kj, main_step, (dq_t, dk, dv),
+                             _full_blocks(blocks, st, kj, by_q=False))
     return dq_t, (dk * logit_scale, dv)
 
   dq_t, (dk, dv) = lax.scan(

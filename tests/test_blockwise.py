@@ -372,6 +372,55 @@ def test_fully_masked_query_blocks_are_empty_rows():
   assert_close(out, ref, FORWARD)
 
 
+# -- blocks the per-example masks allow entirely --------------------------------
+
+
+def _per_example_masks(kind: str, B: int, T: int):
+  """Masks that allow some SMALL_BLOCKS blocks entirely for both examples,
+  some in part and some not at all."""
+  if kind == "kv_lengths":
+    return dict(kv_lengths=jnp.array([T, 80]))
+  if kind == "q_lengths":
+    return dict(q_lengths=jnp.array([T, 80]))
+  if kind == "segments":
+    ids = np.zeros((B, T), np.int32)
+    ids[0, 80:], ids[1, 96:] = 1, 1
+    return dict(segment_ids=jnp.asarray(ids))
+  dense = np.ones((B, 1, T, T), bool)
+  dense[:, :, 80:, 64:] = np.random.default_rng(0).random((B, 1, T - 80,
+                                                            T - 64)) < 0.7
+  dense[1, :, 40:, :8] = False
+  return dict(mask=jnp.asarray(dense))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["kv_lengths", "q_lengths", "segments",
+                                  "dense"])
+def test_blocks_the_masks_allow_entirely_run_unmasked(kind, causal):
+  B, T = 2, 128
+  shape = AttentionShape(B=B, T=T, S=T, N=4, K=2, H=16)
+  q, k, v, _ = make_inputs(Case(shape))
+  kw = _per_example_masks(kind, B, T)
+  # Both kinds of block occur, in both passes' plans.
+  prep = common.prepare(q, k, v, causal=causal, **kw)
+  for sizes in (SMALL_BLOCKS, SMALL_BLOCKS.backward):
+    p = blockwise.plan(prep.spec, T, T, sizes)
+    st = blockwise._Static(plan=p, bwd_plan=p, spec=prep.spec, B=B, K=2,
+                           G=2, scale=prep.scale, dropout_rate=0.0)
+    blocks = blockwise._block_data(prep.data, st)
+    full = {bool(blockwise._block_full(blocks, st, i, j))
+            for i, j in p.unmasked}
+    assert full == {True, False}, (kind, causal, sizes)
+
+  fn = lambda q, k, v: _small_block_attention(q, k, v, causal=causal, **kw)
+  ref = lambda q, k, v: reference_attention(q, k, v, causal=causal, **kw)
+  assert_close(fn(q, k, v), ref(q, k, v), FORWARD)
+  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+  grads = jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
+  for g, r in zip(grads, jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+    assert_close(g, r, GRAD)
+
+
 # -- memory -------------------------------------------------------------------
 
 
