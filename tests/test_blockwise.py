@@ -307,7 +307,7 @@ def test_triangle_kind_is_the_causal_diagonal_alone():
     # Both passes by halving squares; grouped heads (G=2).
     (AttentionShape(B=1, T=1024, S=1024, N=4, K=2, H=16), "float32"),
     # bf16 with a scale that is no power of two: applied to the logits.
-    (AttentionShape(B=2, T=1024, S=1024, N=2, K=2, H=32), "bfloat16"),
+    (AttentionShape(B=1, T=1024, S=1024, N=2, K=2, H=32), "bfloat16"),
     # The last blocks hold one padded row: their diagonal takes the chunks,
     # the others the squares (a switch on the kind), in both passes.
     (AttentionShape(B=1, T=1023, S=1023, N=2, K=1, H=16), "float32"),
