@@ -785,6 +785,46 @@ def _prescale(st: _Static, q):
   return q
 
 
+def _grad_terms(k, v, q, d_out, lse, delta, allowed, keep, rate: float,
+                logit_scale: float, dtype, dq_transposed: bool):
+  """FlashAttention-2's backward terms of keys ``k, v`` against rows ``q``.
+
+  Computed keys-first (``S^T = K Q^T``) so that dK and dV, the products
+  summed over rows, are plain matmuls; on CPU a matmul contracting its left
+  operand's leading dim runs at about half speed.
+
+  Args:
+    k: ``(X, cols, H)``, v: ``(X, cols, Hv)``; q, d_out: ``(X, rows, H |
+      Hv)``, q prescaled (:func:`_prescale`); lse, delta: ``(X, rows)``.
+    allowed, keep: ``(X, cols, rows)`` bool masks, or None: masked entries
+      (and every entry of an empty row, whose lse is EMPTY_ROW_LSE) get
+      probability zero; ``keep`` is the dropout mask of ``rate``.
+    dq_transposed: return dQ^T ``(X, H, rows)`` rather than dQ ``(X, rows,
+      H)``.
+
+  Returns:
+    dQ (or dQ^T), dK ``(X, cols, H)`` and dV ``(X, cols, Hv)``, unscaled:
+    q's prescale gives dK the one factor of the scale it needs (or
+    ``logit_scale`` is applied to dK by the caller), and dQ takes it at the
+    end.
+  """
+  s_t = _mm(k, q, 2, 2, dtype)  # (X, cols, rows)
+  if logit_scale != 1.0:
+    s_t = s_t * logit_scale
+  p_t = jnp.exp(s_t - lse[:, None, :])
+  if allowed is not None:
+    p_t = jnp.where(allowed, p_t, 0.0)
+  dp_t = _mm(v, d_out, 2, 2, dtype)  # (X, cols, rows)
+  pz_t = p_t
+  if keep is not None:
+    pz_t = jnp.where(keep, p_t * (1.0 / (1.0 - rate)), 0.0)
+    dp_t = jnp.where(keep, dp_t * (1.0 / (1.0 - rate)), 0.0)
+  ds_t = p_t * (dp_t - delta[:, None, :])  # (X, cols, rows)
+  dq = (_mm(k, ds_t, 1, 1, dtype) if dq_transposed
+        else _mm(ds_t, k, 1, 1, dtype))
+  return dq, _mm(ds_t, q, 2, 1, dtype), _mm(pz_t, d_out, 2, 1, dtype)
+
+
 # -- the causal diagonal, in halving squares ----------------------------------
 #
 # Under a causal mask, each outer block's edge is the triangle of its
@@ -958,18 +998,9 @@ def _triangle_grads(k, v, q, d_out, lse, delta, G: int, logit_scale: float,
   leaf = _triangle_leaf(b)
 
   def part(kx, vx, qx, dox, lsex, deltax, allowed):
-    """dQ, dK and dV of one stacked update, keys first (see
-    ``_backward.contributions``)."""
-    s_t = _mm(kx, qx, 2, 2, dtype)  # (X, cols, rows)
-    if logit_scale != 1.0:
-      s_t = s_t * logit_scale
-    p_t = jnp.exp(s_t - lsex[:, None, :])
-    if allowed is not None:
-      p_t = jnp.where(allowed, p_t, 0.0)
-    ds_t = p_t * (_mm(vx, dox, 2, 2, dtype) - deltax[:, None, :])
-    return (_mm(ds_t, kx, 1, 1, dtype),  # dQ: (X, rows, H)
-            _mm(ds_t, qx, 2, 1, dtype),  # dK: (X, cols, H)
-            _mm(p_t, dox, 2, 1, dtype))  # dV: (X, cols, Hv)
+    """dQ, dK and dV of one stacked update."""
+    return _grad_terms(kx, vx, qx, dox, lsex, deltax, allowed, None, 0.0,
+                       logit_scale, dtype, dq_transposed=False)
 
   n = b // leaf
   stack = lambda x, w, *tail: x.reshape(BK * n, w, *tail)
@@ -1145,37 +1176,16 @@ def _backward(st: _Static, q_all, k_all, v_all, blocks, seeds, lse_all,
 
   def contributions(k, v, k0, q0, rows, masked):
     """The terms of dQ^T, dK and dV of keys ``k, v`` (positions from
-    ``k0``) against queries ``[q0, q0 + rows)``.
-
-    Computed keys-first (``S^T = K Q^T``) so that dK and dV, the products
-    summed over queries, are plain matmuls; on CPU a matmul contracting its
-    left operand's leading dim runs at about half speed.
-    """
+    ``k0``) against queries ``[q0, q0 + rows)`` (:func:`_grad_terms`)."""
     cols = k.shape[1]
     sl = lambda x: lax.dynamic_slice_in_dim(x, q0 * G, rows * G, 1)
-    q, do = sl(q_all), sl(d_out_all)  # (BK, rows*G, H or Hv)
-    lse, delta = sl(lse_all), sl(delta_all)  # (BK, rows*G)
-    s_t = _mm(k, q, 2, 2, dtype)  # (BK, cols, rows*G)
-    if logit_scale != 1.0:
-      s_t = s_t * logit_scale
-    p_t = jnp.exp(s_t - lse[:, None, :])
-    if masked:
-      # Masked entries, and every entry of an empty row (lse ==
-      # EMPTY_ROW_LSE), get probability zero.
-      p_t = jnp.where(_allowed(blocks, st, q0, rows, k0, cols, True), p_t,
-                      0.0)
-    dp_t = _mm(v, do, 2, 2, dtype)  # (BK, cols, rows*G)
-    pz_t = p_t
-    if rate > 0.0:
-      keep = _keep(seeds, st, q0, rows, k0, cols, True)
-      pz_t = jnp.where(keep, p_t * (1.0 / (1.0 - rate)), 0.0)
-      dp_t = jnp.where(keep, dp_t * (1.0 / (1.0 - rate)), 0.0)
-    ds_t = p_t * (dp_t - delta[:, None, :])  # (BK, cols, rows*G), unscaled
-    # q is prescaled (or logit_scale is applied to dK below), so dS^T q
-    # carries the one factor of the scale that dK needs.
-    return (_mm(k, ds_t, 1, 1, dtype),  # dQ^T: (BK, H, rows*G)
-            _mm(ds_t, q, 2, 1, dtype),  # dK: (BK, cols, H)
-            _mm(pz_t, do, 2, 1, dtype))  # dV: (BK, cols, Hv)
+    allowed = (_allowed(blocks, st, q0, rows, k0, cols, True) if masked
+               else None)
+    keep = (_keep(seeds, st, q0, rows, k0, cols, True) if rate > 0.0
+            else None)
+    return _grad_terms(k, v, sl(q_all), sl(d_out_all), sl(lse_all),
+                       sl(delta_all), allowed, keep, rate, logit_scale, dtype,
+                       dq_transposed=True)
 
   def edge_grads(edge, kj, k, v, dq_win):
     """Key block ``kj``'s edge: its dK and dV (each chunk from zero, then
