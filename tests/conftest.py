@@ -1,8 +1,20 @@
-"""Test setup: Keras on the JAX backend, derandomized hypothesis, fp32 matmuls."""
+"""Test setup: Keras on the JAX backend, derandomized hypothesis, fp32 matmuls,
+and XLA's CPU code generated without LLVM's optimizations."""
 
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+
+# The suite compiles hundreds of small programs and runs each a few times:
+# LLVM's optimization passes took about a third of its time. Level 0 keeps
+# XLA's own (HLO) passes and IEEE float semantics, so the numbers the tests
+# check are those of the default level up to FMA contraction. Read when the
+# CPU backend starts, so it must be set before the first computation;
+# subprocesses (notebooks, multi-device checks) inherit it.
+_NO_LLVM_OPT = "--xla_backend_optimization_level=0"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " " + _NO_LLVM_OPT).strip()
 
 import hypothesis  # noqa: E402
 import jax  # noqa: E402
