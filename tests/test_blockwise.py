@@ -92,7 +92,7 @@ def test_examples_per_step(B, N, T, expected):
 
 def _examples_per_step(B, N, T, block_sizes=None):
   spec = MaskSpec.full()
-  sizes = block_sizes or blockwise.default_block_sizes(spec)
+  sizes = block_sizes or blockwise.default_block_sizes(spec, T)
   st = blockwise._Static(
       plan=blockwise.plan(spec, T, T, sizes),
       bwd_plan=blockwise.plan(spec, T, T, sizes.backward),
@@ -471,6 +471,26 @@ def test_default_blocks(T, S):
         *a, causal=causal, **kw)), (0, 1, 2)))(q, k, v)
     for g, r in zip(grads, ref_grads):
       assert_close(g, r, GRAD)
+
+
+def test_default_backward_rows_follow_the_key_length():
+  # 128 rows against the backward's 1024-key blocks, 256 against keys
+  # shortened below them; a band keeps its own sizes.
+  full, causal = MaskSpec.full(), MaskSpec.causal()
+  rows = lambda spec, S: blockwise.plan(
+      spec, S, S, blockwise.default_block_sizes(spec, S).backward).block_q
+  assert [rows(full, S) for S in (512, 1023, 1024, 4096)] == [
+      256, 256, 128, 128]
+  assert blockwise.default_block_sizes(full) == blockwise.DEFAULT_BLOCK_SIZES
+  assert rows(causal, 512) == rows(causal, 4096) == 256
+  # attention() plans with the key length: forward+backward at S=1024 runs
+  # 128-row backward blocks.
+  q = jax.random.normal(jax.random.key(0), (1, 1024, 1, 8))
+  prep = common.prepare(q, q, q)
+  with mock.patch.object(blockwise, "plan", wraps=blockwise.plan) as planned:
+    jax.eval_shape(lambda q: blockwise.attention(q, q, q, prep), q)
+  assert [c.args[3] for c in planned.call_args_list] == [
+      blockwise.DEFAULT_BLOCK_SIZES, blockwise.DEFAULT_BLOCK_SIZES.backward]
 
 
 @pytest.mark.parametrize("mask", ["causal_window", "all"])
