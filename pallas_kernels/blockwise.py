@@ -138,8 +138,10 @@ def default_block_sizes(spec: masks_lib.MaskSpec,
   fp32, N=8, H=64, D=512; 128 rows over 256): the core timed the same at
   T=1024 to 4096 (0.98-1.02, control 0.97-1.03); at B=1, T=1024 the layer's
   temporaries fell from 32.1 to 24.6 MiB, under the 32 MiB past which glibc
-  maps them afresh and page-faults them in on every call, and it ran 9%
-  faster; at T=512, 128 rows ran 4-6% slower.
+  always maps them afresh and page-faults them in on every call. Timed on
+  its own it then ran 9% faster; among other programs (``benchmarks.compare``)
+  it could still fault, as glibc's threshold below 32 MiB follows what the
+  process freed before. At T=512, 128 rows ran 4-6% slower.
 
   Args:
     spec: the band.
