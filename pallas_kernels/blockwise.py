@@ -323,9 +323,8 @@ def _block_data(data: masks_lib.MaskData, st: _Static):
   """Pads the per-example masks to whole blocks.
 
   Also summarises each block for the run-time tests of
-  :func:`_block_live` and :func:`_block_full`. Padded positions are masked
-  by position or never visited, so the padding values themselves never
-  matter.
+  :func:`_block_tests`. Padded positions are masked by position or never
+  visited, so the padding values themselves never matter.
   """
   p = st.plan
   nq, nk, bq, bk = p.num_q_blocks, p.num_k_blocks, p.block_q, p.block_k
@@ -355,51 +354,40 @@ def _block_data(data: masks_lib.MaskData, st: _Static):
   return out
 
 
-def _block_live(blocks, st: _Static, qi, kj):
-  """False when the per-example masks rule out block ``(qi, kj)`` for every
-  example and head (so it can be skipped); None without such masks.
+def _block_tests(blocks, st: _Static, qi, kj):
+  """What the per-example masks say of block ``(qi, kj)``, for every example
+  and head at once.
 
-  Each test is a necessary condition for an allowed entry, so their AND is.
+  Returns:
+    ``(live, full)``, scalar bools, both None without such masks: ``live``
+    is False when they rule out every entry (the block can be skipped);
+    ``full`` is True when they allow every entry (it needs no mask of
+    theirs). Each test of ``live`` is a necessary condition for an allowed
+    entry, and each of ``full`` for a masked one's absence, so both are the
+    AND of their tests.
   """
   p = st.plan
-  live = None
-
-  def _and(a, b):
-    return b if a is None else a & b
-
+  live, full = [], []
   if "q_id_range" in blocks:
-    # Two blocks share a segment id only if their id ranges overlap.
     q_min, q_max = (x[:, qi] for x in blocks["q_id_range"])  # (B,)
     kv_min, kv_max = (x[:, kj] for x in blocks["kv_id_range"])
-    live = jnp.any((q_max >= kv_min) & (kv_max >= q_min))
-  if "q_lengths" in blocks:
-    live = _and(live, qi * p.block_q < jnp.max(blocks["q_lengths"]))
-  if "kv_lengths" in blocks:
-    live = _and(live, kj * p.block_k < jnp.max(blocks["kv_lengths"]))
-  if "mask_any" in blocks:
-    live = _and(live, blocks["mask_any"][qi, kj])
-  return live
-
-
-def _block_full(blocks, st: _Static, qi, kj):
-  """True when the per-example masks allow every entry of block ``(qi,
-  kj)`` for every example and head (so it needs no mask of theirs); None
-  without such masks."""
-  p = st.plan
-  full = []
-  if "q_id_range" in blocks:
-    # One segment id across both blocks, in every example.
-    q_min, q_max = (x[:, qi] for x in blocks["q_id_range"])  # (B,)
-    kv_min, kv_max = (x[:, kj] for x in blocks["kv_id_range"])
+    # Two blocks share a segment id only if their id ranges overlap; they
+    # allow every pair only with one id across both.
+    live.append(jnp.any((q_max >= kv_min) & (kv_max >= q_min)))
     full.append(jnp.all((q_min == q_max) & (kv_min == kv_max)
                         & (q_min == kv_min)))
   if "q_lengths" in blocks:
+    live.append(qi * p.block_q < jnp.max(blocks["q_lengths"]))
     full.append((qi + 1) * p.block_q <= jnp.min(blocks["q_lengths"]))
   if "kv_lengths" in blocks:
+    live.append(kj * p.block_k < jnp.max(blocks["kv_lengths"]))
     full.append((kj + 1) * p.block_k <= jnp.min(blocks["kv_lengths"]))
-  if "mask_all" in blocks:
+  if "mask_any" in blocks:
+    live.append(blocks["mask_any"][qi, kj])
     full.append(blocks["mask_all"][qi, kj])
-  return functools.reduce(jnp.logical_and, full) if full else None
+  both = lambda tests: (functools.reduce(jnp.logical_and, tests) if tests
+                        else None)
+  return both(live), both(full)
 
 
 def _masked_step(blocks, st: _Static, qi, kj, masked: bool, step, carry):
@@ -407,7 +395,7 @@ def _masked_step(blocks, st: _Static, qi, kj, masked: bool, step, carry):
   carry returned unchanged) when it is masked and the per-example masks rule
   it out for every example."""
   if masked and blocks:
-    return lax.cond(_block_live(blocks, st, qi, kj),
+    return lax.cond(_block_tests(blocks, st, qi, kj)[0],
                     functools.partial(step, True), lambda c: c, carry)
   return step(masked, carry)
 
@@ -421,7 +409,7 @@ def _full_blocks(blocks, st: _Static, o, by_q: bool):
   if not blocks:
     return None
   pair = (lambda n: (o, n)) if by_q else (lambda n: (n, o))
-  return jax.vmap(lambda n: _block_full(blocks, st, *pair(n)))(
+  return jax.vmap(lambda n: _block_tests(blocks, st, *pair(n))[1])(
       jnp.arange(n_inner, dtype=jnp.int32))
 
 

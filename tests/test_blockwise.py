@@ -16,6 +16,7 @@ import pallas_kernels
 from benchmarks.shapes import CONFORMANCE, AttentionShape
 from pallas_kernels import blockwise
 from pallas_kernels import common
+from pallas_kernels import masks as masks_lib
 from pallas_kernels.masks import MaskSpec
 from tests.conformance import (MASK_KINDS, AttentionConformance, Case,
                                diagonal_cases, make_inputs,
@@ -406,16 +407,27 @@ def test_blocks_the_masks_allow_entirely_run_unmasked(kind, causal):
   shape = AttentionShape(B=B, T=T, S=T, N=4, K=2, H=16)
   q, k, v, _ = make_inputs(Case(shape))
   kw = _per_example_masks(kind, B, T)
-  # Both kinds of block occur, in both passes' plans.
   prep = common.prepare(q, k, v, causal=causal, **kw)
+  # What the per-example masks alone allow, (#B, #N, T, S).
+  allowed = np.asarray(masks_lib.dense_mask(MaskSpec.full(), prep.data, B,
+                                            4, T, T))
   for sizes in (SMALL_BLOCKS, SMALL_BLOCKS.backward):
     p = blockwise.plan(prep.spec, T, T, sizes)
     st = blockwise._Static(plan=p, bwd_plan=p, spec=prep.spec, B=B, K=2,
                            G=2, scale=prep.scale, dropout_rate=0.0)
     blocks = blockwise._block_data(prep.data, st)
-    full = {bool(blockwise._block_full(blocks, st, i, j))
-            for i, j in p.unmasked}
-    assert full == {True, False}, (kind, causal, sizes)
+    full_seen = set()
+    for i, j in p.unmasked + p.masked:
+      live, full = (bool(x) for x in blockwise._block_tests(blocks, st, i, j))
+      entries = allowed[..., i * p.block_q:(i + 1) * p.block_q,
+                        j * p.block_k:(j + 1) * p.block_k]
+      # A skipped block has nothing allowed; an unmasked one, nothing not.
+      assert live or not entries.any(), (kind, causal, sizes, i, j)
+      assert entries.all() or not full, (kind, causal, sizes, i, j)
+      if (i, j) in p.unmasked:
+        full_seen.add(full)
+    # Both kinds of block occur, in both passes' plans.
+    assert full_seen == {True, False}, (kind, causal, sizes)
 
   fn = lambda q, k, v: _small_block_attention(q, k, v, causal=causal, **kw)
   ref = lambda q, k, v: reference_attention(q, k, v, causal=causal, **kw)
