@@ -40,8 +40,8 @@ page of them on every call (about 1 us a page on the machine of
 the times; the count shows where it falls. ``GLIBC_TUNABLES`` is recorded
 with the results: with ``glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:``
 ``glibc.malloc.trim_threshold=4000000000`` nothing faults after the first
-call, but the programs that had none ran slower
-(``benchmarks/results/no_page_faults``).
+call (``benchmarks/results/no_page_faults``): read the ratios within such a
+run, as the shared machine's speed moves between runs.
 
 Run::
 
