@@ -801,6 +801,18 @@ def _prescale(st: _Static, q):
   return q
 
 
+def _scores(q, k, allowed, logit_scale: float, dtype):
+  """The logits of rows ``q (X, rows, H)`` against keys ``k (X, cols, H)``,
+  ``(X, rows, cols)`` float32, MASK_VALUE where ``allowed`` (or None: all
+  allowed) is False."""
+  s = _mm(q, k, 2, 2, dtype)
+  if logit_scale != 1.0:
+    s = s * logit_scale
+  if allowed is not None:
+    s = jnp.where(allowed, s, masks_lib.MASK_VALUE)
+  return s
+
+
 def _grad_terms(k, v, q, d_out, lse, delta, allowed, keep, rate: float,
                 logit_scale: float, dtype, dq_transposed: bool):
   """FlashAttention-2's backward terms of keys ``k, v`` against rows ``q``.
@@ -968,11 +980,7 @@ def _triangle_state(q, k, v, G: int, logit_scale: float, dtype):
 
   def part(qx, kx, vx, allowed):
     """The max, normaliser and unnormalised output of one stacked update."""
-    s = _mm(qx, kx, 2, 2, dtype)  # (X, rows, cols)
-    if logit_scale != 1.0:
-      s = s * logit_scale
-    if allowed is not None:
-      s = jnp.where(allowed, s, masks_lib.MASK_VALUE)
+    s = _scores(qx, kx, allowed, logit_scale, dtype)  # (X, rows, cols)
     m = jnp.max(s, axis=-1)
     p = jnp.exp(s - m[..., None])
     return m, jnp.sum(p, axis=-1), _mm(p, vx, 2, 1, dtype)
@@ -1068,12 +1076,8 @@ def _forward(st: _Static, q_all, k_all, v_all, blocks, seeds):
     ``q``'s rows (positions from ``q0``)."""
     m_prev, l_prev, acc_prev = state  # (BK, r), (BK, r), (BK, r, Hv)
     rows, cols = q.shape[1] // G, k.shape[1]
-    s = _mm(q, k, 2, 2, dtype)  # (BK, rows*G, cols)
-    if logit_scale != 1.0:
-      s = s * logit_scale
-    if masked:
-      allowed = _allowed(blocks, st, q0, rows, k0, cols)
-      s = jnp.where(allowed, s, masks_lib.MASK_VALUE)
+    allowed = _allowed(blocks, st, q0, rows, k0, cols) if masked else None
+    s = _scores(q, k, allowed, logit_scale, dtype)  # (BK, rows*G, cols)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1))  # (BK, rows*G)
     # A row with nothing allowed yet has m_new == MASK_VALUE, so its masked
     # entries get exp(0) == 1 here. No pass zeroes them: the first allowed
