@@ -836,9 +836,9 @@ def _grad_terms(k, v, q, d_out, lse, delta, allowed, keep, rate: float,
     ``logit_scale`` is applied to dK by the caller), and dQ takes it at the
     end.
   """
-  s_t = _mm(k, q, 2, 2, dtype)  # (X, cols, rows)
-  if logit_scale != 1.0:
-    s_t = s_t * logit_scale
+  # The mask goes on the probabilities, not the logits: an empty row's lse
+  # is EMPTY_ROW_LSE == MASK_VALUE, which masked logits would cancel.
+  s_t = _scores(k, q, None, logit_scale, dtype)  # (X, cols, rows)
   p_t = jnp.exp(s_t - lse[:, None, :])
   if allowed is not None:
     p_t = jnp.where(allowed, p_t, 0.0)
