@@ -78,11 +78,12 @@ class BlockSizes:
   backward's products contract over both rows and keys: for full attention,
   key blocks of 1024 against 256 rows ran its forward+backward 7-9% faster
   than 512 (B=1, T=1024 to 4096; 2% at B=4); under a band they would widen
-  the diagonal edge, and 512 stays. Against 1024 keys, 128 rows time the
-  same as 256 and keep 7.5 MiB fewer temporaries (B=1; see
-  :func:`default_block_sizes`). A block longer than the sequence is
-  shortened to it, and the blocks of a ragged sequence are balanced so that
-  padding stays below one row per block.
+  the diagonal edge, and 512 stays, but for causal attention over 4096 keys
+  or more, where 1024 x 512 forward blocks and 1024-key backward blocks
+  pay. Against 1024 keys, 128 rows time the same as 256 and keep 7.5 MiB
+  fewer temporaries (B=1; see :func:`default_block_sizes`). A block longer
+  than the sequence is shortened to it, and the blocks of a ragged sequence
+  are balanced so that padding stays below one row per block.
 
   Attributes:
     block_q, block_k: forward query rows and keys per block.
@@ -122,6 +123,12 @@ DEFAULT_BLOCK_SIZES = BlockSizes(block_q=1024, block_k=256, block_q_bwd=128,
                                  block_k_bwd=1024)
 DEFAULT_BANDED_BLOCK_SIZES = BlockSizes(block_q=512, block_k=512,
                                         block_q_bwd=256, block_k_bwd=512)
+DEFAULT_LONG_CAUSAL_BLOCK_SIZES = BlockSizes(block_q=1024, block_k=512,
+                                             block_q_bwd=256,
+                                             block_k_bwd=1024)
+# Causal attention over at least this many keys takes
+# DEFAULT_LONG_CAUSAL_BLOCK_SIZES.
+LONG_CAUSAL_MIN_LENGTH = 4096
 # Full attention's backward rows per block against keys shortened below
 # DEFAULT_BLOCK_SIZES.block_k_bwd (S < 1024).
 _SHORT_KEYS_BLOCK_Q_BWD = 256
@@ -130,7 +137,9 @@ _SHORT_KEYS_BLOCK_Q_BWD = 256
 def default_block_sizes(spec: masks_lib.MaskSpec,
                         S: Optional[int] = None) -> BlockSizes:
   """The block sizes used when none are given: :data:`DEFAULT_BLOCK_SIZES`
-  for full attention, :data:`DEFAULT_BANDED_BLOCK_SIZES` under a band.
+  for full attention, :data:`DEFAULT_BANDED_BLOCK_SIZES` under a band, but
+  :data:`DEFAULT_LONG_CAUSAL_BLOCK_SIZES` for causal attention over
+  ``S >= LONG_CAUSAL_MIN_LENGTH`` keys.
 
   Full attention's backward takes 128 query rows against its 1024-key
   blocks, but 256 when the keys are fewer (``S < 1024``, its key block
@@ -143,16 +152,35 @@ def default_block_sizes(spec: masks_lib.MaskSpec,
   it could still fault, as glibc's threshold below 32 MiB follows what the
   process freed before. At T=512, 128 rows ran 4-6% slower.
 
+  A causal diagonal block costs about as much as a whole one on CPU (see
+  ``_triangle_state``), so short sequences keep 512-position blocks, whose
+  diagonal is narrower. Over 4096 keys or more the diagonal is a smaller
+  share of the work and the faster matmuls of larger blocks win: against
+  512 x 512 forward and (256 rows, 512 keys) backward blocks, 1024 x 512
+  and (256, 1024) ran the causal core 4-7% faster at T=4096 (B=1 and 4)
+  and 6-10% at T=8192 (B=1), the same at T=3072 and 3-16% slower at
+  T=2048 (fp32, N=8, H=64; ``python -m benchmarks.blockwise_ab`` and a
+  sweep of six candidates, medians of 7-9 rounds). The layer (B=1, T=4096)
+  ran 3% faster forward and 3.5% forward+backward. Their forward+backward
+  temporaries grow at T=4096 (core 53 to 92 MiB, layer 82 to 108 MiB) and
+  are the same from T=16384 on.
+
   Args:
     spec: the band.
     S: the key length, or None for long keys.
 
-  >>> default_block_sizes(masks_lib.MaskSpec.causal()).block_q
+  >>> causal = masks_lib.MaskSpec.causal()
+  >>> default_block_sizes(causal, S=2048).block_q
   512
+  >>> default_block_sizes(causal, S=4096) == DEFAULT_LONG_CAUSAL_BLOCK_SIZES
+  True
   >>> default_block_sizes(masks_lib.MaskSpec.full(), S=512).block_q_bwd
   256
   """
   if not spec.is_full:
+    if spec == masks_lib.MaskSpec.causal() and (
+        S is None or S >= LONG_CAUSAL_MIN_LENGTH):
+      return DEFAULT_LONG_CAUSAL_BLOCK_SIZES
     return DEFAULT_BANDED_BLOCK_SIZES
   if S is not None and S < DEFAULT_BLOCK_SIZES.block_k_bwd:
     return dataclasses.replace(DEFAULT_BLOCK_SIZES,

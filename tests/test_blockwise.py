@@ -240,7 +240,7 @@ def test_causal_schedule_computes_little_more_than_the_triangle(T):
   # positions) per row and so compute about half of that beyond the
   # triangle, whatever T.
   spec = MaskSpec.causal()
-  sizes = blockwise.default_block_sizes(spec)
+  sizes = blockwise.default_block_sizes(spec, T)
   triangle = T * (T + 1) / 2
   for by_q, p in ((True, blockwise.plan(spec, T, T, sizes)),
                   (False, blockwise.plan(spec, T, T, sizes.backward))):
@@ -284,7 +284,7 @@ def _edges(spec, T, sizes, by_q):
 
 def test_triangle_kind_is_the_causal_diagonal_alone():
   spec = MaskSpec.causal()
-  sizes = blockwise.default_block_sizes(spec)
+  sizes = blockwise.default_block_sizes(spec, 2048)
   for by_q in (True, False):
     st, kinds = _edges(spec, 2048, sizes, by_q)
     assert len(kinds) == 2  # no edge (the first block's), the diagonal
@@ -304,19 +304,23 @@ def test_triangle_kind_is_the_causal_diagonal_alone():
   assert not blockwise._triangle_kind(st, kinds[-1], True, False, 0.0)
 
 
-@pytest.mark.parametrize("shape,dtype", [
+@pytest.mark.parametrize("shape,dtype,block_sizes", [
     # Both passes by halving squares; grouped heads (G=2).
-    (AttentionShape(B=1, T=1024, S=1024, N=4, K=2, H=16), "float32"),
+    (AttentionShape(B=1, T=1024, S=1024, N=4, K=2, H=16), "float32", None),
     # bf16 with a scale that is no power of two: applied to the logits.
-    (AttentionShape(B=1, T=1024, S=1024, N=2, K=2, H=32), "bfloat16"),
+    (AttentionShape(B=1, T=1024, S=1024, N=2, K=2, H=32), "bfloat16", None),
     # The last blocks hold one padded row: their diagonal takes the chunks,
     # the others the squares (a switch on the kind), in both passes.
-    (AttentionShape(B=1, T=1023, S=1023, N=2, K=1, H=16), "float32"),
+    (AttentionShape(B=1, T=1023, S=1023, N=2, K=1, H=16), "float32", None),
     # T != S (top-left): the forward's diagonals, and the backward's first
     # key blocks; the keys past T are seen by no query.
-    (AttentionShape(B=1, T=1024, S=1536, N=2, K=2, H=16), "float32"),
+    (AttentionShape(B=1, T=1024, S=1536, N=2, K=2, H=16), "float32", None),
+    # Long sequences' blocks: 1024-position diagonals in both passes, with
+    # two key blocks per forward diagonal.
+    (AttentionShape(B=1, T=2048, S=2048, N=2, K=1, H=16), "float32",
+     blockwise.DEFAULT_LONG_CAUSAL_BLOCK_SIZES),
 ])
-def test_causal_diagonal_by_halving_squares(shape, dtype):
+def test_causal_diagonal_by_halving_squares(shape, dtype, block_sizes):
   q, k, v, _ = make_inputs(Case(shape, "causal", dtype=dtype))
   calls = {"_triangle_state": 0, "_triangle_grads": 0}
 
@@ -329,7 +333,8 @@ def test_causal_diagonal_by_halving_squares(shape, dtype):
     return wrapper
 
   fn = lambda q, k, v: pallas_kernels.flash_attention(
-      q, k, v, causal=True, backend="xla", return_lse=True)
+      q, k, v, causal=True, backend="xla", return_lse=True,
+      block_sizes=block_sizes)
   ref = lambda q, k, v: reference_attention(q, k, v, causal=True,
                                             return_lse=True)
   target = jax.random.normal(jax.random.key(1), q.shape[:3] + v.shape[3:])
@@ -453,11 +458,13 @@ def _train_step_temp_bytes(T: int, B=1, N=2, H=32) -> int:
 
 
 def test_memory_is_linear_in_sequence_length():
-  temps = [_train_step_temp_bytes(T) for T in (2048, 4096, 8192)]
+  # Lengths that share their default blocks (causal, long keys).
+  lengths = [blockwise.LONG_CAUSAL_MIN_LENGTH * 2**i for i in range(3)]
+  temps = [_train_step_temp_bytes(T) for T in lengths]
   for small, big in zip(temps, temps[1:]):
     assert big < 2.6 * small, temps
   # Far below one (T, T) fp32 score matrix per head.
-  assert temps[-1] < 8192 * 8192 * 4 / 4, temps
+  assert temps[-1] < lengths[-1]**2 * 4 / 16, temps
 
 
 # -- default block sizes and odd shapes -----------------------------------------
@@ -503,6 +510,27 @@ def test_default_backward_rows_follow_the_key_length():
     jax.eval_shape(lambda q: blockwise.attention(q, q, q, prep), q)
   assert [c.args[3] for c in planned.call_args_list] == [
       blockwise.DEFAULT_BLOCK_SIZES, blockwise.DEFAULT_BLOCK_SIZES.backward]
+
+
+def test_long_causal_sequences_take_larger_blocks():
+  # From LONG_CAUSAL_MIN_LENGTH keys on (or unknown, long keys), causal
+  # attention alone: a window keeps the banded sizes.
+  causal, window = MaskSpec.causal(), MaskSpec(left=300, right=300)
+  long_sizes = blockwise.DEFAULT_LONG_CAUSAL_BLOCK_SIZES
+  n = blockwise.LONG_CAUSAL_MIN_LENGTH
+  assert blockwise.default_block_sizes(causal, n) == long_sizes
+  assert blockwise.default_block_sizes(causal) == long_sizes
+  assert (blockwise.default_block_sizes(causal, n - 1)
+          == blockwise.DEFAULT_BANDED_BLOCK_SIZES)
+  assert (blockwise.default_block_sizes(window, 4 * n)
+          == blockwise.DEFAULT_BANDED_BLOCK_SIZES)
+  # attention() plans both passes with them.
+  q = jax.random.normal(jax.random.key(0), (1, n, 1, 8))
+  prep = common.prepare(q, q, q, causal=True)
+  with mock.patch.object(blockwise, "plan", wraps=blockwise.plan) as planned:
+    jax.eval_shape(lambda q: blockwise.attention(q, q, q, prep), q)
+  assert [c.args[3] for c in planned.call_args_list] == [
+      long_sizes, long_sizes.backward]
 
 
 @pytest.mark.parametrize("mask", ["causal_window", "all"])
