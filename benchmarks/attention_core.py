@@ -160,7 +160,7 @@ SWEEP_CANDIDATES = ((256, 256, 256, 256), (512, 256, 256, 512),
                     (512, 512, 256, 512), (512, 512, 512, 512),
                     (1024, 256, 256, 512), (1024, 256, 256, 1024),
                     (1024, 256, 128, 1024), (1024, 256, 512, 512),
-                    (1024, 512, 512, 1024))
+                    (1024, 512, 256, 1024), (1024, 512, 512, 1024))
 
 
 def sweep(seq_lengths, rounds: int, candidates=SWEEP_CANDIDATES):
@@ -391,6 +391,9 @@ def main(argv=None):
                    block_sizes=str(blockwise.DEFAULT_BLOCK_SIZES),
                    banded_block_sizes=str(
                        blockwise.DEFAULT_BANDED_BLOCK_SIZES),
+                   long_causal_block_sizes=str(
+                       blockwise.DEFAULT_LONG_CAUSAL_BLOCK_SIZES),
+                   long_causal_min_length=blockwise.LONG_CAUSAL_MIN_LENGTH,
                    results=results), f, indent=1)
   print(f"\nWrote {args.out}")
 
