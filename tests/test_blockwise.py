@@ -492,6 +492,16 @@ def test_default_blocks(T, S):
       assert_close(g, r, GRAD)
 
 
+def _sizes_planned_by_attention(T: int, causal: bool):
+  """The block sizes ``blockwise.attention`` plans its two passes with, at
+  ``T = S`` and default sizes (traced by shape only)."""
+  q = jax.random.normal(jax.random.key(0), (1, T, 1, 8))
+  prep = common.prepare(q, q, q, causal=causal)
+  with mock.patch.object(blockwise, "plan", wraps=blockwise.plan) as planned:
+    jax.eval_shape(lambda q: blockwise.attention(q, q, q, prep), q)
+  return [c.args[3] for c in planned.call_args_list]
+
+
 def test_default_backward_rows_follow_the_key_length():
   # 128 rows against the backward's 1024-key blocks, 256 against keys
   # shortened below them; a band keeps its own sizes.
@@ -504,11 +514,7 @@ def test_default_backward_rows_follow_the_key_length():
   assert rows(causal, 512) == rows(causal, 4096) == 256
   # attention() plans with the key length: forward+backward at S=1024 runs
   # 128-row backward blocks.
-  q = jax.random.normal(jax.random.key(0), (1, 1024, 1, 8))
-  prep = common.prepare(q, q, q)
-  with mock.patch.object(blockwise, "plan", wraps=blockwise.plan) as planned:
-    jax.eval_shape(lambda q: blockwise.attention(q, q, q, prep), q)
-  assert [c.args[3] for c in planned.call_args_list] == [
+  assert _sizes_planned_by_attention(1024, causal=False) == [
       blockwise.DEFAULT_BLOCK_SIZES, blockwise.DEFAULT_BLOCK_SIZES.backward]
 
 
@@ -524,13 +530,13 @@ def test_long_causal_sequences_take_larger_blocks():
           == blockwise.DEFAULT_BANDED_BLOCK_SIZES)
   assert (blockwise.default_block_sizes(window, 4 * n)
           == blockwise.DEFAULT_BANDED_BLOCK_SIZES)
-  # attention() plans both passes with them.
-  q = jax.random.normal(jax.random.key(0), (1, n, 1, 8))
-  prep = common.prepare(q, q, q, causal=True)
-  with mock.patch.object(blockwise, "plan", wraps=blockwise.plan) as planned:
-    jax.eval_shape(lambda q: blockwise.attention(q, q, q, prep), q)
-  assert [c.args[3] for c in planned.call_args_list] == [
+  # attention() plans both passes with them, and with the banded sizes
+  # below the threshold (so it passes the key length on).
+  assert _sizes_planned_by_attention(n, causal=True) == [
       long_sizes, long_sizes.backward]
+  banded = blockwise.DEFAULT_BANDED_BLOCK_SIZES
+  assert _sizes_planned_by_attention(n // 2, causal=True) == [
+      banded, banded.backward]
 
 
 @pytest.mark.parametrize("mask", ["causal_window", "all"])
