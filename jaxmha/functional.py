@@ -341,7 +341,28 @@ def apply_with_projections(params: Params, cfg: MHAConfig, query, value,
     ``"attention_output"`` to that projection's output (what Keras's
     activity regularizers see). With ``cache``, a fourth element: the
     updated cache (the decode path, :mod:`jaxmha.decode`).
+
+  Under a mesh with Explicit axes (``jax.make_mesh``'s default), the call
+  runs with those axes made Auto (``jax.sharding.auto_axes``), so XLA's
+  propagation places its internals (as under an Auto mesh). The results
+  keep their input's sharding on the batch and query dims (the query's for
+  the output and scores, each input's for its projection), none on heads
+  and features; the updated cache keeps the cache's.
   """
+  from jaxmha import sharding  # pylint: disable=g-import-not-at-top
+  operands = (params, query, value, key, cache, new_lengths, kwargs)
+  explicit = sharding._explicit_mesh(  # pylint: disable=protected-access
+      operands)
+  out_specs = explicit and _explicit_out_specs(cfg, *operands)
+  if out_specs is not None:
+
+    def body(params, query, value, key, cache, new_lengths, kwargs):
+      return apply_with_projections(params, cfg, query, value, key,
+                                    cache=cache, new_lengths=new_lengths,
+                                    **kwargs)
+
+    return sharding._call_with_auto_axes(  # pylint: disable=protected-access
+        body, *explicit, out_specs, *operands)
   if cache is not None:
     from jaxmha import decode  # pylint: disable=g-import-not-at-top
     return decode.apply_with_projections(params, cfg, query, value, key,
@@ -364,6 +385,38 @@ def apply_with_projections(params: Params, cfg: MHAConfig, query, value,
   if probs is not None:
     scores = call.layout.scores(probs.astype(call.dtype))
   return output, scores, projections
+
+
+def _explicit_out_specs(cfg, params, query, value, key, cache, new_lengths,
+                        kwargs):
+  """The specs of :func:`apply_with_projections`' results under Explicit
+  mesh axes (see there); None for invalid inputs (the call says why)."""
+  del params, new_lengths
+  from jaxmha import sharding  # pylint: disable=g-import-not-at-top
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  spec = sharding._type_spec  # pylint: disable=protected-access
+  try:
+    q = spec(query)  # (B, ..., D)
+    v = spec(value)
+    k = v if key is None else spec(key)
+    out = P(*q[:-1])  # (B, ..., *E): trailing dims unsharded
+    projections = {"query": out, "key": P(*k[:-1]), "value": P(*v[:-1]),
+                   "attention_output": out}
+    if cfg.use_gate:
+      projections["gate"] = out
+    if cache is not None:
+      cache_specs = jax.tree.map(lambda x: P(*spec(x)), cache)
+      return out, None, projections, cache_specs
+    scores = None
+    if kwargs.get("return_attention_scores"):
+      _, _, _, axes = _check_shapes(cfg, query.shape, value.shape,
+                                    None if key is None else key.shape)
+      other = [a for a in range(1, len(q) - 1) if a not in axes]
+      # (B, *other, N, *attn_T, *attn_S)
+      scores = P(q[0], *(q[a] for a in other), None, *(q[a] for a in axes))
+    return out, scores, projections
+  except (TypeError, ValueError, AttributeError, IndexError):
+    return None
 
 
 def explain(cfg: MHAConfig, query, value, key=None, *, attention_mask=None,

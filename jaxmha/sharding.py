@@ -20,7 +20,9 @@ N/M query heads and K/M key/value heads of every projection, the attention
 of its heads runs where they are, and the output projection's contraction
 over heads ends in one all-reduce, which XLA's partitioner inserts (this
 module only annotates; ``jax.jit`` does the rest). Logical names a rule
-omits stay replicated.
+omits stay replicated. The mesh's axes may be Auto or Explicit
+(``jax.make_mesh``'s default): under Explicit axes ``jaxmha.apply`` runs
+its attention with them made Auto, and types its output like the query.
 
 The params tree stays plain arrays (it is the Flax module's ``"params"``
 collection). For Flax's own logical-partitioning machinery,
@@ -214,6 +216,93 @@ def shard_params(params, mesh: jax.sharding.Mesh, rules: Rules, *,
 
   shardings = jax.tree_util.tree_map_with_path(check, params, specs)
   return jax.device_put(params, shardings)
+
+
+def _type_sharding(x):
+  """The sharding in ``x``'s type (a ``NamedSharding``), or None."""
+  if not isinstance(x, jax.Array):
+    return None  # NumPy and Python values: unsharded constants
+  return getattr(jax.typeof(x), "sharding", None)
+
+
+def _explicit_mesh(tree) -> Optional[tuple[Any, tuple[str, ...]]]:
+  """The Explicit mesh axes an attention call runs under.
+
+  Args:
+    tree: the call's operands.
+
+  Returns:
+    ``(mesh, axes)``: the context mesh (``jax.set_mesh``), or else the
+    mesh in the types of ``tree``'s arrays (jit of arrays placed on an
+    Explicit mesh), and its Explicit axes; None when there are none (no
+    mesh, Auto axes, or only Manual ones inside ``shard_map``).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    for leaf in jax.tree.leaves(tree):
+      sharding = _type_sharding(leaf)
+      leaf_mesh = getattr(sharding, "mesh", None)
+      if leaf_mesh is not None and not leaf_mesh.empty:
+        mesh = leaf_mesh
+        break
+  if mesh.empty:
+    return None
+  explicit = jax.sharding.AxisType.Explicit
+  axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+               if kind == explicit)
+  return (mesh, axes) if axes else None
+
+
+def _type_spec(x) -> tuple:
+  """The ``PartitionSpec`` entries in ``x``'s type, one per dim (None for
+  an unsharded dim, and for every dim of a NumPy or Python value)."""
+  sharding = _type_sharding(x)
+  spec = tuple(getattr(sharding, "spec", None) or ())
+  ndim = len(getattr(x, "shape", ()))
+  return (spec + (None,) * ndim)[:ndim]
+
+
+def _call_with_auto_axes(fn, mesh, axes: tuple[str, ...], out_specs, *args):
+  """``fn(*args)`` with the Explicit ``axes`` of ``mesh`` made Auto.
+
+  Inside, XLA's sharding propagation places the intermediates (reshapes
+  of a sharded heads dim, the output projection's contraction over
+  sharded heads, loop carries), as under an Auto mesh, where Explicit
+  axes would need an ``out_sharding`` on each of those ops.
+
+  Args:
+    fn: the computation.
+    mesh: the (abstract) mesh, from :func:`_explicit_mesh`.
+    axes: its Explicit axes.
+    out_specs: a ``PartitionSpec`` per result of ``fn`` (a tree like its
+      results); the results get these Explicit shardings.
+    *args: ``fn``'s arguments; only their ``jax.Array`` leaves go through
+      ``auto_axes``, other leaves are passed as they are.
+
+  Returns:
+    ``fn(*args)``, typed by ``out_specs``.
+  """
+  leaves, treedef = jax.tree.flatten(args)
+  is_array = [isinstance(x, jax.Array) for x in leaves]
+
+  def body(*arrays):
+    it = iter(arrays)
+    full = [next(it) if a else x for x, a in zip(leaves, is_array)]
+    return fn(*jax.tree.unflatten(treedef, full))
+
+  def on_mesh(x):
+    # An array not yet typed on the mesh (eager, uncommitted) is put there
+    # replicated, as jit would: else its gradient comes back typed on the
+    # Auto version of the mesh.
+    if (not jax.sharding.get_abstract_mesh().empty
+        and getattr(_type_sharding(x), "mesh", mesh).empty):
+      return jax.sharding.reshard(x, NamedSharding(mesh, P()))
+    return x
+
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs,
+                           is_leaf=lambda s: isinstance(s, P))
+  return jax.sharding.auto_axes(body, axes=axes, out_sharding=shardings)(
+      *[on_mesh(x) for x, a in zip(leaves, is_array) if a])
 
 
 def logically_partitioned(params) -> Any:

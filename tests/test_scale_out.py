@@ -310,6 +310,7 @@ MULTIDEVICE = {
         "layer_errors_name_the_numbers")),
     "sharded_params_and_pmap": ("transform_checks", (
         "heads_sharded_train_step_equals_unsharded",
+        "heads_sharded_params_under_explicit_mesh_axes",
         "pmap_data_parallel_grads_equal_full_batch")),
     "hlo": ("hlo_checks", ("shapes_and_collectives",
                            "ring_needs_less_memory_than_gathered")),

@@ -24,6 +24,7 @@ from tests.multidevice.harness import check, main
 from tests.tolerances import FORWARD, GRAD, assert_close
 
 AUTO = jax.sharding.AxisType.Auto
+EXPLICIT = jax.sharding.AxisType.Explicit
 HEADS = {"heads": "model", "kv_heads": "model"}
 
 
@@ -105,21 +106,59 @@ def jit_with_named_sharding_inputs_equals_single_device():
   params = _params(x)
   fn = jax.jit(jax.value_and_grad(_loss))
   want, want_g = fn(params, x, y)
-  # With Explicit mesh axes (jax.make_mesh's default), only the fused path:
-  # the blockwise path's reshapes of a batch-sharded (B, T, N, H) need an
-  # out_sharding under explicit sharding, which it does not give yet.
-  for axis_type, path in ((AUTO, "xla"), (AUTO, "xla_blockwise"),
-                          (jax.sharding.AxisType.Explicit, "xla")):
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+  # Explicit mesh axes are jax.make_mesh's default; jaxmha.apply runs its
+  # internals (the blockwise path's reshapes and loop) with them made Auto.
+  for axis_type in (AUTO, EXPLICIT):
+    for path in ("xla", "xla_blockwise"):
+      mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+      put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+      what = f"{axis_type} {path}"
+      with dispatch.use_path(path), jax.set_mesh(mesh):
+        # A new jit per path: use_path is read while tracing, and jit's
+        # cache does not know about it.
+        got, got_g = jax.jit(jax.value_and_grad(_loss))(params, put(x),
+                                                        put(y))
+      assert_close(got, want, err_msg=what)
+      _assert_trees_close(got_g, want_g, what=what)
+
+
+@check
+def heads_sharded_params_under_explicit_mesh_axes():
+  """``shard_params`` by heads on ``jax.make_mesh``'s (Explicit) axes.
+
+  Fused and blockwise paths, with and without K < N key/value heads:
+  forward, scores and grads equal the single-device call, the output and
+  scores stay batch-sharded, and each grad keeps its param's sharding.
+  """
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT,) * 2)
+  x, y = _data(B=4, T=8, D=16)  # (B, T, D)
+  for kv, rules in ((None, HEADS), (2, {"heads": "model"})):
+    cfg = jaxmha.MHAConfig(num_heads=4, key_dim=8, num_key_value_heads=kv)
+    params = jaxmha.init_params(jax.random.key(1), cfg, x.shape, y.shape)
+
+    def loss(p, x, y, cfg=cfg):
+      out = jaxmha.apply(p, cfg, x, y, use_causal_mask=True)
+      return jnp.mean(out ** 2)
+
+    want, want_g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
+        params, x, y)
+    sharded = jaxmha.shard_params(params, mesh, rules)
     put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
-    what = f"{axis_type} {path}"
-    with dispatch.use_path(path), jax.set_mesh(mesh):
-      # A new jit per path: use_path is read while tracing, and jit's cache
-      # does not know about it.
-      got, got_g = jax.jit(jax.value_and_grad(_loss))(params, put(x),
-                                                      put(y))
-    assert_close(got, want, err_msg=what)
-    _assert_trees_close(got_g, want_g, what=what)
+    for path in ("xla", "xla_blockwise"):
+      what = f"num_key_value_heads={kv} {path}"
+      with dispatch.use_path(path), jax.set_mesh(mesh):
+        got, got_g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(
+            sharded, put(x), put(y))
+        if path == "xla":  # the blockwise path returns no scores
+          out, scores = jax.jit(lambda p, x, y, cfg=cfg: jaxmha.apply(
+              p, cfg, x, y, return_attention_scores=True))(
+                  sharded, put(x), put(y))
+          assert out.sharding.spec[:2] == ("data", None), (what, out)
+          assert scores.sharding.spec[:2] == ("data", None), (what, scores)
+      assert_close(got, want, err_msg=what)
+      _assert_trees_close(got_g, want_g, what=what)
+      for g, p in zip(jax.tree.leaves(got_g[0]), jax.tree.leaves(sharded)):
+        assert g.sharding.spec == p.sharding.spec, (what, g.sharding, p)
 
 
 @check
