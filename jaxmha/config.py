@@ -221,9 +221,16 @@ class MHAConfig:
 
   @classmethod
   def from_config(cls, config: dict) -> "MHAConfig":
-    """The inverse of :meth:`get_config`; ignores Keras-only keys."""
+    """The inverse of :meth:`get_config`; also takes a Keras layer's
+    ``get_config()``: Keras-only keys are ignored and serialized Keras
+    initializers at their default arguments become names."""
+    from jaxmha import initializers  # pylint: disable=g-import-not-at-top
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in config.items() if k in names})
+    kwargs = {k: v for k, v in config.items() if k in names}
+    for name in ("kernel_initializer", "bias_initializer"):
+      if isinstance(kwargs.get(name), dict):
+        kwargs[name] = initializers.from_keras_config(name, kwargs[name])
+    return cls(**kwargs)
 
   def replace(self, **changes) -> "MHAConfig":
     return dataclasses.replace(self, **changes)

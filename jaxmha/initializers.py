@@ -92,6 +92,48 @@ _ALIASES = {"zero": "zeros", "one": "ones", "normal": "random_normal",
             "uniform": "random_uniform"}
 
 
+# The arguments of Keras's initializers at their defaults (seed aside): a
+# serialized Keras initializer with these is the jaxmha name.
+_KERAS_DEFAULT_ARGS = {
+    "variance_scaling": {"scale": 1.0, "mode": "fan_in",
+                         "distribution": "truncated_normal"},
+    "random_normal": {"mean": 0.0, "stddev": 0.05},
+    "random_uniform": {"minval": -0.05, "maxval": 0.05},
+    "truncated_normal": {"mean": 0.0, "stddev": 0.05},
+    "orthogonal": {"gain": 1.0},
+    "identity": {"gain": 1.0},
+}
+
+
+def from_keras_config(name: str, serialized: dict) -> str:
+  """The jaxmha name of a serialized Keras initializer (the dict that
+  ``layer.get_config()`` holds), if it has Keras's default arguments.
+
+  Raises:
+    ValueError: an initializer jaxmha has no name for, or other arguments
+      (``jaxmha.from_keras(layer)`` keeps those exactly).
+
+  >>> from_keras_config("kernel_initializer",
+  ...                   {"class_name": "GlorotUniform",
+  ...                    "config": {"seed": None}})
+  'glorot_uniform'
+  """
+  class_name = serialized.get("class_name")
+  known = _snake(class_name) if isinstance(class_name, str) else None
+  # Arguments left at None (seed, axes) and absent ones are Keras's defaults.
+  args = {k: v for k, v in (serialized.get("config") or {}).items()
+          if v is not None and k != "seed"}
+  defaults = _KERAS_DEFAULT_ARGS.get(known, {})
+  if known in _REGISTRY and all(k in defaults and defaults[k] == v
+                                for k, v in args.items()):
+    return known
+  raise ValueError(
+      f"`{name}`={serialized!r} is not a Keras initializer at its default "
+      "arguments that jaxmha names; pass a name or a callable (rng, shape, "
+      "dtype), or take the config from the layer with jaxmha.from_keras, "
+      "which keeps Keras's initializer.")
+
+
 def names() -> tuple[str, ...]:
   """The Keras initializer names that :func:`get` knows."""
   return tuple(sorted(_REGISTRY)) + tuple(sorted(_ALIASES))

@@ -46,23 +46,60 @@ def _sublayer(layer, name: str):
 
 
 def _initializer_name(initializer) -> Any:
-  """A Keras initializer object -> a jaxmha name (its defaults) or itself."""
-  class_name = type(initializer).__name__
-  name = _KERAS_INITIALIZER_NAMES.get(class_name)
-  if name is None:
-    return "glorot_uniform"
-  keras = _keras()
-  default = keras.initializers.get(name).get_config()
-  config = dict(initializer.get_config())
-  config.pop("seed", None)
-  default.pop("seed", None)
-  if config != default:
-    # Non-default arguments: keep Keras's distribution exactly.
-    def init(rng, shape, dtype=jnp.float32, _init=initializer):
-      del rng  # Keras draws from its own seed; only used to re-initialise
-      return jnp.asarray(_init(shape), dtype)
+  """A Keras initializer object -> a jaxmha name (its defaults), or a
+  callable that draws from it (other arguments, or a class jaxmha has no
+  name for, such as ``Constant``)."""
+  name = _KERAS_INITIALIZER_NAMES.get(type(initializer).__name__)
+  if name is not None:
+    default = _keras().initializers.get(name).get_config()
+    config = dict(initializer.get_config())
+    config.pop("seed", None)
+    default.pop("seed", None)
+    if config == default:
+      return name
+
+  # Keep Keras's distribution exactly. Keras draws from its own seed, so
+  # `rng` is unused; this only matters when re-initialising from the cfg.
+  def init(rng, shape, dtype=jnp.float32):
+    del rng
+    return jnp.asarray(initializer(shape), dtype)
+  init.keras_initializer = initializer  # to_keras hands it back to Keras
+  return init
+
+
+def _keras_initializer(init) -> Any:
+  """A cfg initializer -> what a Keras layer takes. A jaxmha callable that
+  did not come from Keras has no Keras form; Keras's default stands in (the
+  weights are copied over it)."""
+  if isinstance(init, str):
     return init
-  return name
+  return getattr(init, "keras_initializer", "glorot_uniform")
+
+
+def _query_rank(layer) -> int:
+  """The query rank a built Keras layer was built for."""
+  inputs = layer._query_dense.equation.split(",")[0]  # e.g. "abc" for rank 3
+  return len(inputs)
+
+
+def _default_axes(rank: int) -> tuple[int, ...]:
+  return tuple(range(1, rank - 1))
+
+
+def _normalized_axes(axes, rank: int) -> tuple[int, ...]:
+  """Attention axes of a rank-``rank`` input as Keras stores them once
+  built: non-negative, ``None`` meaning every axis but batch and features."""
+  if axes is None:
+    return _default_axes(rank)
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  return tuple(a if a >= 0 else rank + a for a in axes)
+
+
+def _min_rank(axes) -> int:
+  """The smallest input rank that ``axes`` fit (batch and features apart)."""
+  if axes is None:
+    return 3
+  return max([3] + [a + 2 if a >= 0 else 1 - a for a in axes])
 
 
 def config_from_keras(layer) -> MHAConfig:
@@ -83,13 +120,26 @@ def config_from_keras(layer) -> MHAConfig:
         num_key_value_heads=keras_cfg["num_key_value_heads"],
         kernel_initializer=_initializer_name(layer.kernel_initializer),
         bias_initializer=_initializer_name(layer.bias_initializer))
+  # Keras stores value_dim=key_dim and, once built, the default attention
+  # axes spelled out; jaxmha's canonical form of both is None, so that a
+  # round trip through Keras gives back an equal (and equally hashed) cfg.
+  value_dim = keras_cfg.get("value_dim")
+  if value_dim == keras_cfg["key_dim"]:
+    value_dim = None
+  axes = keras_cfg.get("attention_axes")
+  if isinstance(axes, int):
+    axes = (axes,)
+  elif axes is not None:
+    axes = tuple(axes)
+    if layer.built and axes == _default_axes(_query_rank(layer)):
+      axes = None
   return MHAConfig(
       num_heads=keras_cfg["num_heads"], key_dim=keras_cfg["key_dim"],
-      value_dim=keras_cfg.get("value_dim"),
+      value_dim=value_dim,
       dropout=float(keras_cfg.get("dropout", 0.0)),
       use_bias=keras_cfg.get("use_bias", True),
       output_shape=keras_cfg.get("output_shape") or None,
-      attention_axes=keras_cfg.get("attention_axes"),
+      attention_axes=axes,
       sliding_window=keras_cfg.get("sliding_window"),
       use_gate=keras_cfg.get("use_gate", False),
       flash_attention=keras_cfg.get("flash_attention"),
@@ -101,6 +151,15 @@ def config_from_keras(layer) -> MHAConfig:
 def from_keras(keras_layer) -> tuple[MHAConfig, dict]:
   """``(cfg, params)`` from a built Keras ``MultiHeadAttention`` or
   ``GroupQueryAttention`` layer (the latter gives ``num_key_value_heads``).
+
+  ``cfg`` is in jaxmha's canonical form: ``value_dim`` equal to ``key_dim``
+  and, for a built layer, the default attention axes for its input rank come
+  back as None (Keras stores both spelled out).
+
+  Keras's dtype policy is not part of ``cfg``: ``params`` keep the layer's
+  variable dtype (float32 under ``"mixed_bfloat16"``), and ``apply`` computes
+  in the promoted dtype of its inputs and params. To compute as the layer
+  does, pass ``dtype=keras_layer.compute_dtype`` to ``apply``.
 
   Raises:
     TypeError: not a Keras ``MultiHeadAttention`` or ``GroupQueryAttention``.
@@ -128,7 +187,7 @@ def from_keras(keras_layer) -> tuple[MHAConfig, dict]:
 
 
 def _keras_kwargs(cfg: MHAConfig) -> dict:
-  init = lambda x: x if isinstance(x, str) else "glorot_uniform"
+  init = _keras_initializer
   kwargs = dict(
       num_heads=cfg.num_heads, key_dim=cfg.key_dim, value_dim=cfg.value_dim,
       dropout=cfg.dropout, use_bias=cfg.use_bias,
@@ -152,7 +211,7 @@ def _keras_gqa_kwargs(cfg: MHAConfig, query_dim: int) -> dict:
   if unsupported:
     raise ValueError("keras.layers.GroupQueryAttention cannot hold this "
                      f"config: {', '.join(unsupported)}.")
-  init = lambda x: x if isinstance(x, str) else "glorot_uniform"
+  init = _keras_initializer
   return dict(head_dim=cfg.key_dim, num_query_heads=cfg.num_heads,
               num_key_value_heads=cfg.kv_heads, dropout=cfg.dropout,
               use_bias=cfg.use_bias, sliding_window=cfg.sliding_window,
@@ -161,7 +220,48 @@ def _keras_gqa_kwargs(cfg: MHAConfig, query_dim: int) -> dict:
               bias_initializer=init(cfg.bias_initializer))
 
 
-def to_keras(params: dict, cfg: MHAConfig, keras_layer: Optional[Any] = None):
+def _build_shapes(params: dict, cfg: MHAConfig, query_shape, value_shape,
+                  key_shape) -> dict:
+  """Keras ``build`` arguments for an unbuilt layer: the given shapes, or
+  inputs of the smallest rank ``cfg.attention_axes`` fits."""
+  features = {name: params[name]["kernel"].shape[0]
+              for name in ("query", "value", "key")}
+  if query_shape is None:
+    if value_shape is not None or key_shape is not None:
+      raise ValueError("Pass `query_shape` with `value_shape`/`key_shape`; "
+                       "got only the latter.")
+    lead = (1,) * (_min_rank(cfg.attention_axes) - 1)
+    return {f"{name}_shape": lead + (features[name],) for name in features}
+  value_shape = query_shape if value_shape is None else value_shape
+  key_shape = value_shape if key_shape is None else key_shape
+  shapes = {"query": tuple(query_shape), "value": tuple(value_shape),
+            "key": tuple(key_shape)}
+  for name, shape in shapes.items():
+    if len(shape) < 3 or shape[-1] != features[name]:
+      raise ValueError(
+          f"`{name}_shape`={shape} must be (B, ..., {features[name]}): rank "
+          f"3 or more, with the {features[name]} features of "
+          f"params['{name}']['kernel'].shape={params[name]['kernel'].shape}.")
+  return {f"{name}_shape": shape for name, shape in shapes.items()}
+
+
+def _config_mismatches(cfg: MHAConfig, layer) -> list[str]:
+  """The settings a built Keras layer holds that ``cfg`` contradicts, beyond
+  what the weights' shapes show."""
+  keras_cfg = layer.get_config()
+  wanted = {"dropout": cfg.dropout, "sliding_window": cfg.sliding_window}
+  if "attention_axes" in keras_cfg:
+    rank = _query_rank(layer)
+    wanted["attention_axes"] = _normalized_axes(cfg.attention_axes, rank)
+    keras_cfg["attention_axes"] = _normalized_axes(keras_cfg["attention_axes"],
+                                                   rank)
+  return [f"{field}: cfg has {value!r}, the layer {keras_cfg.get(field)!r}"
+          for field, value in wanted.items()
+          if keras_cfg.get(field) != value]
+
+
+def to_keras(params: dict, cfg: MHAConfig, keras_layer: Optional[Any] = None,
+             *, query_shape=None, value_shape=None, key_shape=None):
   """Copies ``params`` into a Keras ``MultiHeadAttention`` layer, or a
   ``GroupQueryAttention`` for a grouped-query config.
 
@@ -171,15 +271,23 @@ def to_keras(params: dict, cfg: MHAConfig, keras_layer: Optional[Any] = None):
     keras_layer: a layer to copy into (built or not); None builds a new one
       from ``cfg`` (a ``GroupQueryAttention`` when ``num_key_value_heads``
       differs from ``num_heads``).
+    query_shape: ``(B, ..., D)``, the inputs an unbuilt layer is built for,
+      as in ``init_params`` (only the rank and ``D`` matter). Keras layers
+      serve one input rank; the default is rank 3, or the smallest rank
+      ``cfg.attention_axes`` fits, so pass this for inputs of higher rank.
+    value_shape: ``(B, ..., Dv)``; default ``query_shape``.
+    key_shape: ``(B, ..., Dk)``; default ``value_shape``.
 
   Returns:
     The Keras layer, holding ``params``.
 
   Raises:
-    ValueError: shapes in ``params`` that do not fit the layer; a
-      grouped-query config and a ``MultiHeadAttention`` layer; a config
-      ``GroupQueryAttention`` cannot hold (``value_dim != key_dim``, an
-      ``output_shape`` or several attention axes).
+    ValueError: shapes in ``params`` that do not fit the layer; a layer whose
+      dropout, sliding window or attention axes differ from ``cfg``'s; input
+      shapes for a layer that is already built, or whose features differ from
+      ``params``'; a grouped-query config and a ``MultiHeadAttention`` layer;
+      a config ``GroupQueryAttention`` cannot hold (``value_dim != key_dim``,
+      an ``output_shape`` or several attention axes).
   """
   keras = _keras()
   gqa = keras.layers.GroupQueryAttention
@@ -196,15 +304,17 @@ def to_keras(params: dict, cfg: MHAConfig, keras_layer: Optional[Any] = None):
                      f"{cfg.num_key_value_heads}) does not fit "
                      "keras.layers.MultiHeadAttention; pass a "
                      "keras.layers.GroupQueryAttention (or keras_layer=None).")
+  given = (query_shape, value_shape, key_shape)
+  if keras_layer.built and any(s is not None for s in given):
+    raise ValueError("`keras_layer` is already built, for the inputs it was "
+                     "built for; `query_shape`/`value_shape`/`key_shape` only "
+                     "build an unbuilt layer.")
   if not keras_layer.built:
-    rank = 3
-    if cfg.attention_axes is not None:
-      rank = max(3, max(a for a in cfg.attention_axes if a >= 0) + 2
-                 if any(a >= 0 for a in cfg.attention_axes) else 3)
-    lead = (1,) * (rank - 1)
-    keras_layer.build(query_shape=lead + (params["query"]["kernel"].shape[0],),
-                      value_shape=lead + (params["value"]["kernel"].shape[0],),
-                      key_shape=lead + (params["key"]["kernel"].shape[0],))
+    keras_layer.build(**_build_shapes(params, cfg, *given))
+  mismatches = _config_mismatches(cfg, keras_layer)
+  if mismatches:
+    raise ValueError("`keras_layer` does not compute what `cfg` describes: "
+                     + "; ".join(mismatches) + ".")
   for name in _SUBLAYERS:
     dense = _sublayer(keras_layer, name)
     if (dense is None) != (name not in params):

@@ -211,6 +211,91 @@ def test_to_keras_rejects_mismatched_params():
     jaxmha.to_keras(wrong, cfg, target)
 
 
+def test_to_keras_builds_for_the_inputs_given():
+  import keras  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(2, 3, 4, 8)).astype(np.float32)  # rank 4
+  v = rng.normal(size=(2, 5, 4, 8)).astype(np.float32)
+  for axes in (None, (1,), (-3,)):
+    cfg = jaxmha.MHAConfig(num_heads=2, key_dim=4, attention_axes=axes)
+    params = jaxmha.init_params(jax.random.key(0), cfg, q.shape, v.shape)
+    want = jaxmha.apply(params, cfg, q, v)
+    for target in (None, keras.layers.MultiHeadAttention(
+        num_heads=2, key_dim=4, attention_axes=axes)):
+      layer = jaxmha.to_keras(params, cfg, target, query_shape=q.shape,
+                              value_shape=v.shape)
+      np.testing.assert_allclose(layer(q, v), want, **KERAS)
+  # Without shapes: the smallest rank the axes fit ((-3,) needs rank 4).
+  layer = jaxmha.to_keras(params, cfg)
+  np.testing.assert_allclose(layer(q, v), want, **KERAS)
+  with pytest.raises(ValueError, match="already built"):
+    jaxmha.to_keras(params, cfg, layer, query_shape=q.shape)
+  with pytest.raises(ValueError, match=r"query_shape.*\(2, 3, 4, 9\)"):
+    jaxmha.to_keras(params, cfg, query_shape=(2, 3, 4, 9))
+
+
+def test_to_keras_refuses_a_layer_that_computes_something_else():
+  import keras  # pylint: disable=g-import-not-at-top
+  cfg = jaxmha.MHAConfig(num_heads=2, key_dim=4, sliding_window=2,
+                         dropout=0.5)
+  params = jaxmha.init_params(jax.random.key(0), cfg, (1, 5, 8), (1, 7, 8))
+  plain = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+  with pytest.raises(ValueError, match=r"dropout: cfg has 0\.5, the layer "
+                     r"0\.0; sliding_window: cfg has 2, the layer None"):
+    jaxmha.to_keras(params, cfg, plain)
+  rank4 = jaxmha.MHAConfig(num_heads=2, key_dim=4, attention_axes=(2,))
+  other_axes = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4,
+                                               attention_axes=(1,))
+  with pytest.raises(ValueError, match="attention_axes"):
+    jaxmha.to_keras(params, rank4, other_axes, query_shape=(1, 3, 5, 8),
+                    value_shape=(1, 3, 7, 8))
+  # Equal settings spelled differently are the same layer.
+  same = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4,
+                                         attention_axes=(-2,))
+  jaxmha.to_keras(params, jaxmha.MHAConfig(num_heads=2, key_dim=4), same)
+
+
+def test_config_round_trip_through_keras_is_exact():
+  import keras  # pylint: disable=g-import-not-at-top
+  for cfg in (jaxmha.MHAConfig(num_heads=2, key_dim=4),
+              jaxmha.MHAConfig(num_heads=2, key_dim=4, value_dim=3,
+                               output_shape=5)):
+    params = jaxmha.init_params(jax.random.key(0), cfg, (1, 5, 8), (1, 7, 8))
+    cfg2, _ = jaxmha.from_keras(jaxmha.to_keras(params, cfg))
+    assert cfg2 == cfg and hash(cfg2) == hash(cfg)
+  # A built Keras layer spells its axes out; those of the default come back
+  # as None, which means the same for inputs of that rank.
+  cfg2, _ = jaxmha.from_keras(jaxmha.to_keras(params, cfg.replace(
+      attention_axes=(1,))))
+  assert cfg2 == cfg
+  # A Keras layer's own get_config() is a config too.
+  layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4,
+                                          kernel_initializer="he_normal")
+  cfg = jaxmha.MHAConfig.from_config(layer.get_config())
+  assert cfg == jaxmha.MHAConfig(num_heads=2, key_dim=4, value_dim=4,
+                                 kernel_initializer="he_normal")
+  custom = keras.layers.MultiHeadAttention(
+      num_heads=2, key_dim=4,
+      kernel_initializer=keras.initializers.RandomNormal(stddev=0.3))
+  with pytest.raises(ValueError, match="kernel_initializer.*from_keras"):
+    jaxmha.MHAConfig.from_config(custom.get_config())
+
+
+def test_from_keras_keeps_initializers_jaxmha_has_no_name_for():
+  import keras  # pylint: disable=g-import-not-at-top
+  layer = keras.layers.MultiHeadAttention(
+      num_heads=2, key_dim=4,
+      kernel_initializer=keras.initializers.Constant(0.5))
+  layer.build((1, 5, 8), (1, 7, 8))
+  cfg, params = jaxmha.from_keras(layer)
+  fresh = jaxmha.init_params(jax.random.key(0), cfg, (1, 5, 8), (1, 7, 8))
+  np.testing.assert_array_equal(fresh["query"]["kernel"],
+                                np.full((8, 2, 4), 0.5, np.float32))
+  # ... and hands it back to Keras.
+  back = jaxmha.to_keras(params, cfg)
+  assert isinstance(back._kernel_initializer, keras.initializers.Constant)  # pylint: disable=protected-access
+
+
 def test_flash_forced_matches_keras_in_interpret_mode():
   """``flash_attention=True`` on CPU runs a kernel in interpret mode."""
   pytest.importorskip("pallas_kernels.gpu_triton")
