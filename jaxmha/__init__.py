@@ -34,3 +34,4 @@ from jaxmha.ring import context_parallel as context_parallel
 from jaxmha.ring import ring_attention as ring_attention
 from jaxmha.sharding import param_partition_specs as param_partition_specs
 from jaxmha.sharding import shard_params as shard_params
+from pallas_kernels.common import UnsupportedCallError as UnsupportedCallError

@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
+from pallas_kernels import common
+
 Initializer = Union[str, Callable[..., Any]]
 
 # None: no preference (use a kernel where the backend has one);
@@ -28,7 +30,13 @@ _FLASH_ATTENTION_GLOBAL: Optional[bool] = None
 
 
 def enable_flash_attention() -> None:
-  """Prefer flash kernels for layers whose ``flash_attention`` is None."""
+  """Force flash kernels for layers whose ``flash_attention`` is None.
+
+  As Keras's ``keras.config.enable_flash_attention``: such layers behave as
+  if built with ``flash_attention=True``, so a call the flash path cannot
+  serve (attention scores, a cache) raises ``UnsupportedCallError``, and on
+  CPU the kernels run in interpret mode (slow; for testing).
+  """
   global _FLASH_ATTENTION_GLOBAL
   _FLASH_ATTENTION_GLOBAL = True
 
@@ -154,8 +162,7 @@ class MHAConfig:
     _check_positive_int("num_heads", self.num_heads)
     _check_positive_int("key_dim", self.key_dim)
     _check_positive_int("value_dim", self.value_dim, allow_none=True)
-    if (not isinstance(self.dropout, (int, float, np.floating))
-        or isinstance(self.dropout, bool)
+    if (not common.is_real_scalar(self.dropout)
         or not 0.0 <= float(self.dropout) < 1.0):
       raise ValueError(
           "Invalid value for argument `dropout`: expected a float in "

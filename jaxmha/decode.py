@@ -34,14 +34,14 @@ Other arguments with a cache:
 * ``query_mask (B, t)``: ANDed in, as usual.
 * ``attention_mask``: ``(B, t, L)`` or ``(B, N, t, L)`` over *cache
   positions* (broadcastable), ANDed in.
-* ``value_mask`` / ``key_mask``: ``NotImplementedError`` (a padding mask on
+* ``value_mask`` / ``key_mask``: ``UnsupportedCallError`` (a padding mask on
   cached keys would have to live in the cache; use ``new_lengths``).
-* ``return_attention_scores=True``: ``NotImplementedError``; this path never
+* ``return_attention_scores=True``: ``UnsupportedCallError``; this path never
   materialises the ``(B, N, t, L)`` scores (run the full path to see them).
-* ``training=True`` with ``dropout > 0``: ``NotImplementedError`` (decoding
+* ``training=True`` with ``dropout > 0``: ``UnsupportedCallError`` (decoding
   is inference).
-* Inputs of rank > 3 (several attention axes): ``NotImplementedError``.
-* ``flash_attention=True`` (per layer or global): ``NotImplementedError``;
+* Inputs of rank > 3 (several attention axes): ``UnsupportedCallError``.
+* ``flash_attention=True`` (per layer or global): ``UnsupportedCallError``;
   there is no Pallas decode kernel, and a forced path is never ignored.
 
 **A full cache is an error, never a silent overwrite.** When ``lengths``
@@ -81,6 +81,7 @@ from jax.experimental import checkify
 from jaxmha import equations
 from jaxmha import functional
 from jaxmha.config import MHAConfig
+from pallas_kernels import common as kernel_common
 from pallas_kernels import masks as kernel_masks
 
 # Keys per chunk, by platform. On CPU, small chunks keep each chunk's keys
@@ -305,6 +306,7 @@ def _normalize_mask(mask, B: int, N: int, K: int, t: int, L: int):
     mask = mask != 0
   expected = (f"(B, t, L) = ({B}, {t}, {L}) or (B, N, t, L) = "
               f"({B}, {N}, {t}, {L})")
+  given = mask.shape
   if mask.ndim == 2:
     mask = mask[None, None]
   elif mask.ndim == 3:
@@ -313,7 +315,7 @@ def _normalize_mask(mask, B: int, N: int, K: int, t: int, L: int):
       mask.shape, (B, N, t, L))):
     raise ValueError(
         f"With a cache, `attention_mask` is over cache positions: it must "
-        f"broadcast to {expected}; got attention_mask.shape={mask.shape}.")
+        f"broadcast to {expected}; got attention_mask.shape={given}.")
   mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, L))
   heads = (K, N // K) if mask.shape[1] == N else (1, 1)
   mask = jnp.moveaxis(mask, 1, 2)  # (#B, t, #N, L)
@@ -478,7 +480,7 @@ def apply_with_projections(params, cfg: MHAConfig, query, value, key=None,
   Raises:
     ValueError, TypeError: bad inputs, or a concrete write past
       ``max_length``.
-    NotImplementedError: an argument this path cannot serve (listed in the
+    UnsupportedCallError: an argument this path cannot serve (listed in the
       module docs).
 
   >>> cfg = MHAConfig(num_heads=2, key_dim=4)
@@ -494,23 +496,23 @@ def apply_with_projections(params, cfg: MHAConfig, query, value, key=None,
     raise TypeError(f"`cache` must be a jaxmha.decode.KVCache (from "
                     f"jaxmha.init_cache); got {type(cache).__name__}.")
   if return_attention_scores:
-    raise NotImplementedError(
+    raise kernel_common.UnsupportedCallError(
         "return_attention_scores=True with a cache: the decode path never "
         "materialises the (B, N, t, L) scores; call without `cache` to get "
         "them.")
   for name, m in (("value_mask", value_mask), ("key_mask", key_mask)):
     if m is not None:
-      raise NotImplementedError(
+      raise kernel_common.UnsupportedCallError(
           f"`{name}` with a cache: cached keys carry no padding mask; use "
           "`new_lengths` for ragged inputs, or `attention_mask` (B, t, L).")
   if training and cfg.dropout > 0.0:
-    raise NotImplementedError(
+    raise kernel_common.UnsupportedCallError(
         f"training=True with dropout={cfg.dropout} and a cache: cached "
         "decoding is inference only; call with training=False.")
   q_shape = jnp.shape(query)
   v_shape = jnp.shape(value)
   if len(q_shape) != 3:
-    raise NotImplementedError(
+    raise kernel_common.UnsupportedCallError(
         f"A cache serves rank-3 inputs (B, t, D) only; got "
         f"query.shape={q_shape}.")
   if len(v_shape) == 3 and v_shape[1] != q_shape[1]:
@@ -523,7 +525,7 @@ def apply_with_projections(params, cfg: MHAConfig, query, value, key=None,
       dropout_rng=None, return_attention_scores=False, dtype=dtype)
   req = call.request
   if req.flash is True:
-    raise NotImplementedError(
+    raise kernel_common.UnsupportedCallError(
         "flash_attention=True (set on the layer or globally), but there is no "
         "flash decode kernel; decode with flash_attention=None or False.")
   B, t = q_shape[:2]

@@ -4,7 +4,8 @@ Shape letters: B batch (flattened ``B*``), T query length, S key/value
 length, N query heads, K key/value heads, H head dim, Hv value head dim.
 
 Paths, tried in order; each either serves the call or refuses with a
-``NotImplementedError(reason)``:
+``NotImplementedError(reason)`` (an ``UnsupportedCallError`` when the user
+forced that path):
 
 0. ``ring``: only, and always, for calls with a ``context_parallel_axis``
    (the config's, or :func:`jaxmha.context_parallel`'s): ring attention
@@ -112,14 +113,14 @@ class FlashPath:
 
   def check(self, req: Request) -> None:
     if req.flash is False:
-      raise NotImplementedError("flash_attention=False")
+      raise common.UnsupportedCallError("flash_attention=False")
     if req.need_probs:
-      raise NotImplementedError(
+      raise common.UnsupportedCallError(
           "return_attention_scores=True needs the (B, N, T, S) scores, which "
           "flash kernels never materialise")
     forced = req.flash is True or forced_path() == self.name
     if _kernel_target(req.platform) is None and not forced:
-      raise NotImplementedError(
+      raise common.UnsupportedCallError(
           f"no flash kernel for platform {req.platform!r} (set "
           "flash_attention=True to run one in interpret mode)")
     target, interpret = self._target(req)
@@ -144,12 +145,12 @@ class BlockwisePath:
 
   def check(self, req: Request) -> None:
     if req.need_probs:
-      raise NotImplementedError(
+      raise common.UnsupportedCallError(
           "return_attention_scores=True needs the (B, N, T, S) scores, which "
           "the blockwise path never materialises")
     p = req.prep.problem
     if forced_path() != self.name and max(p.T, p.S) < BLOCKWISE_MIN_LENGTH:
-      raise NotImplementedError(
+      raise common.UnsupportedCallError(
           f"short sequences (T={p.T}, S={p.S} < {BLOCKWISE_MIN_LENGTH}) go "
           "to the fused XLA path")
 
@@ -183,7 +184,9 @@ _forced = threading.local()
 
 @contextlib.contextmanager
 def use_path(name: str):
-  """Forces one attention path while tracing (for benchmarks and tests).
+  """Forces one attention path while tracing (for benchmarks and tests, and
+  ``"xla"`` for forward-mode autodiff, which the ``jax.custom_vjp`` paths
+  do not support).
 
   The path's own refusals still apply (e.g. ``xla_blockwise`` cannot return
   scores) and are raised, but the blockwise length threshold is waived.
@@ -210,20 +213,26 @@ def forced_path() -> Optional[str]:
   return getattr(_forced, "name", None)
 
 
+def ring_refusal(axis: str, reason: str) -> common.UnsupportedCallError:
+  """The error for a context-parallel call that ring attention refuses."""
+  return common.UnsupportedCallError(
+      f"context_parallel_axis={axis!r}, but ring attention cannot serve this "
+      f"call: {reason}")
+
+
 def choose(req: Request) -> tuple[object, Explanation]:
   """The first path that accepts ``req``.
 
   Raises:
-    NotImplementedError: the user forced flash (``flash_attention=True``)
-      and the flash path refused; the message says why.
+    UnsupportedCallError: the user forced flash (``flash_attention=True``)
+      or a path (:func:`use_path`) and it refused, or ring attention cannot
+      serve a context-parallel call; the message says why.
   """
   if req.context_parallel_axis is not None:
     try:
       ring.RING_PATH.check(req)
     except NotImplementedError as e:
-      raise NotImplementedError(
-          f"context_parallel_axis={req.context_parallel_axis!r}, but ring "
-          f"attention cannot serve this call: {e}") from e
+      raise ring_refusal(req.context_parallel_axis, str(e)) from e
     return ring.RING_PATH, Explanation(path=ring.RING_PATH.name, refusals={})
   refusals = {}
   forced = forced_path()
@@ -235,11 +244,11 @@ def choose(req: Request) -> tuple[object, Explanation]:
       path.check(req)
     except NotImplementedError as e:
       if path.name == "flash" and req.flash is True:
-        raise NotImplementedError(
-            f"flash_attention=True, but the flash path cannot serve this "
-            f"call: {e}") from e
+        raise common.UnsupportedCallError(
+            f"flash_attention=True (set on the layer or globally), but the "
+            f"flash path cannot serve this call: {e}") from e
       if forced is not None:
-        raise NotImplementedError(
+        raise common.UnsupportedCallError(
             f"use_path({forced!r}), but that path cannot serve this call: "
             f"{e}") from e
       refusals[path.name] = str(e)

@@ -34,6 +34,7 @@ from jaxmha import dispatch
 from jaxmha import equations
 from jaxmha import initializers
 from jaxmha import masks as masks_lib
+from jaxmha import ring
 from jaxmha.config import MHAConfig
 from pallas_kernels import common
 from pallas_kernels import dropout as dropout_lib
@@ -183,6 +184,19 @@ def _as_array(name: str, x):
   return x
 
 
+def _compute_dtype(dtype) -> jnp.dtype:
+  """``dtype`` as a floating-point dtype, or a TypeError naming it."""
+  try:
+    resolved = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"`dtype` must be a floating-point dtype; got "
+                    f"dtype={dtype!r}.") from None
+  if not jnp.issubdtype(resolved, jnp.floating):
+    raise TypeError(f"`dtype` must be a floating-point dtype (float32, "
+                    f"bfloat16, float16); got dtype={resolved}.")
+  return resolved
+
+
 @dataclasses.dataclass(frozen=True)
 class _Call:
   """A validated call: projected inputs in the kernel layout."""
@@ -209,7 +223,7 @@ def _prepare_call(params, cfg, query, value, key, *, attention_mask,
   if dtype is None:
     leaves = [] if abstract else jax.tree_util.tree_leaves(params)
     dtype = jnp.result_type(query.dtype, value.dtype, key.dtype, *leaves)
-  dtype = jnp.dtype(dtype)
+  dtype = _compute_dtype(dtype)
 
   N, K, H, Hv = cfg.num_heads, cfg.kv_heads, cfg.key_dim, cfg.value_head_dim
   layout = equations.AttentionLayout(query_dims=query_shape[:-1],
@@ -237,6 +251,11 @@ def _prepare_call(params, cfg, query, value, key, *, attention_mask,
     k4 = layout.keys(k)  # (B*, S, K, H)
     v4 = layout.keys(v)  # (B*, S, K, Hv)
 
+  context_parallel_axis = dispatch.context_parallel_axis(cfg)
+  if context_parallel_axis is not None and attention_mask is not None:
+    # Refused before its shape is checked against the local blocks.
+    raise dispatch.ring_refusal(context_parallel_axis,
+                                ring.ATTENTION_MASK_REFUSAL)
   spec, data = masks_lib.build(
       layout, N, attention_mask=attention_mask, query_mask=query_mask,
       value_mask=value_mask, key_mask=key_mask,
@@ -259,7 +278,7 @@ def _prepare_call(params, cfg, query, value, key, *, attention_mask,
       q=q4, k=k4, v=v4, prep=prep, need_probs=bool(return_attention_scores),
       flash=dispatch.effective_flash_preference(cfg.flash_attention),
       platform=jax.default_backend(),
-      context_parallel_axis=dispatch.context_parallel_axis(cfg))
+      context_parallel_axis=context_parallel_axis)
   projections = None if abstract else {"query": q, "key": k, "value": v}
   if gate is not None:
     projections["gate"] = gate
@@ -307,8 +326,8 @@ def apply(params: Params, cfg: MHAConfig, query, value, key=None, *,
 
   Raises:
     ValueError, TypeError: bad inputs, naming the argument and the shapes.
-    NotImplementedError: ``flash_attention=True`` and the flash path cannot
-      serve the call.
+    UnsupportedCallError: (a ValueError) ``flash_attention=True``, or a
+      context-parallel or cached call, that its path cannot serve.
 
   >>> cfg = MHAConfig(num_heads=2, key_dim=4)
   >>> x = jnp.ones((1, 5, 16))
@@ -427,7 +446,9 @@ def explain(cfg: MHAConfig, query, value, key=None, *, attention_mask=None,
   """Which attention path a call of :func:`apply` takes, and why.
 
   Takes ``apply``'s arguments without ``params``; ``query``, ``value`` and
-  ``key`` may be arrays or ``jax.ShapeDtypeStruct``.
+  ``key`` may be arrays (or nested lists) or ``jax.ShapeDtypeStruct``.
+  Calls with a ``cache`` always take the decode path (:mod:`jaxmha.decode`),
+  so ``cache`` is not an argument here.
 
   >>> cfg = MHAConfig(num_heads=2, key_dim=4)
   >>> x = jax.ShapeDtypeStruct((1, 5, 16), jnp.float32)
@@ -444,6 +465,6 @@ def explain(cfg: MHAConfig, query, value, key=None, *, attention_mask=None,
       use_causal_mask=use_causal_mask, training=training,
       dropout_rng=dropout_rng,
       return_attention_scores=return_attention_scores,
-      dtype=dtype or jnp.result_type(query.dtype), abstract=True)
+      dtype=dtype, abstract=True)
   _, explanation = dispatch.choose(call.request)
   return explanation

@@ -69,15 +69,16 @@ def _attention_mask(mask, layout: AttentionLayout, num_heads: int):
           + layout.kv_attn_dims)
   expected = (f"{layout.batch_dims + layout.q_attn_dims + layout.kv_attn_dims}"
               f" or {full} with the heads axis")
+  given = mask.shape
   if mask.ndim < 2 * L or mask.ndim > len(full):
     raise ValueError(f"`attention_mask` must have shape {expected}, or "
-                     f"broadcast to it; got attention_mask.shape={mask.shape}.")
+                     f"broadcast to it; got attention_mask.shape={given}.")
   while mask.ndim < len(full):
     # Keras inserts missing axes just before the attention axes.
     mask = jnp.expand_dims(mask, mask.ndim - 2 * L)
   if any(m not in (1, f) for m, f in zip(mask.shape, full)):
     raise ValueError(f"`attention_mask` must have shape {expected}, or "
-                     f"broadcast to it; got attention_mask.shape={mask.shape}.")
+                     f"broadcast to it; got attention_mask.shape={given}.")
   nb = len(layout.batch_dims)
   batch_is_broadcast = all(d == 1 for d in mask.shape[:nb])
   batch = (1,) * nb if batch_is_broadcast else layout.batch_dims

@@ -646,6 +646,11 @@ def _ring_spec(x, axis: str, mesh) -> P:
   return P(*entries)
 
 
+ATTENTION_MASK_REFUSAL = (
+    "an explicit attention_mask (B, T, S) spans the whole sequence; use "
+    "query_mask/value_mask (padding) or use_causal_mask")
+
+
 class RingPath:
   """The dispatch path of ``context_parallel_axis`` calls: ring attention.
 
@@ -663,26 +668,24 @@ class RingPath:
     p = prep.problem
     axis = req.context_parallel_axis
     if req.need_probs:
-      raise NotImplementedError(
+      raise common.UnsupportedCallError(
           "return_attention_scores=True needs the (B, N, T, S) scores, which "
           "a ring never gathers")
     if prep.dropout_rate > 0.0:
-      raise NotImplementedError(
+      raise common.UnsupportedCallError(
           f"dropout={prep.dropout_rate} while training: dropout bits are "
           "keyed by absolute positions, which per-block kernels do not see")
     if prep.data.mask is not None:
-      raise NotImplementedError(
-          "an explicit attention_mask (B, T, S) spans the whole sequence; "
-          "use query_mask/value_mask (padding) or use_causal_mask")
+      raise common.UnsupportedCallError(ATTENTION_MASK_REFUSAL)
     causal = prep.spec == kernel_masks.MaskSpec.causal()
     if not (causal or prep.spec.is_full):
-      raise NotImplementedError(
+      raise common.UnsupportedCallError(
           f"sliding_window (mask band {prep.spec}) is not supported by ring "
           "attention")
     if (prep.data.q_lengths is not None
         or prep.data.kv_lengths is not None):
-      raise NotImplementedError("q_lengths/kv_lengths are not supported by "
-                                "ring attention")
+      raise common.UnsupportedCallError(
+          "q_lengths/kv_lengths are not supported by ring attention")
     mesh, manual = _axis_mode(axis)
     if manual:
       Tl, Sl = p.T, p.S
@@ -694,7 +697,7 @@ class RingPath:
             f"devices: T={p.T} and S={p.S} must be divisible by {n}.")
       Tl, Sl = p.T // n, p.S // n
     if causal and Tl != Sl:
-      raise NotImplementedError(
+      raise common.UnsupportedCallError(
           f"use_causal_mask=True over a ring needs T == S; got T={p.T} and "
           f"S={p.S}")
     backend, interpret = _block_target(req)

@@ -12,6 +12,7 @@ from pallas_kernels import dropout as dropout
 from pallas_kernels import masks as masks
 from pallas_kernels import reference as reference
 from pallas_kernels.api import flash_attention as flash_attention
+from pallas_kernels.common import UnsupportedCallError as UnsupportedCallError
 from pallas_kernels.masks import EMPTY_ROW_LSE as EMPTY_ROW_LSE
 from pallas_kernels.masks import MASK_VALUE as MASK_VALUE
 from pallas_kernels.masks import MaskSpec as MaskSpec
@@ -20,6 +21,7 @@ __all__ = [
     "EMPTY_ROW_LSE",
     "MASK_VALUE",
     "MaskSpec",
+    "UnsupportedCallError",
     "dropout",
     "flash_attention",
     "masks",

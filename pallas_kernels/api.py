@@ -41,7 +41,7 @@ def default_backend(interpret: bool = False) -> str:
   """The kernel target for ``jax.default_backend()``.
 
   Raises:
-    NotImplementedError: on a platform without a kernel (e.g. CPU), unless
+    UnsupportedCallError: on a platform without a kernel (e.g. CPU), unless
       the caller names ``backend`` explicitly.
   """
   platform = jax.default_backend()
@@ -49,7 +49,7 @@ def default_backend(interpret: bool = False) -> str:
     return platform
   if platform == "cuda" or platform == "rocm":
     return "gpu"
-  raise NotImplementedError(
+  raise common.UnsupportedCallError(
       f"No flash-attention kernel for platform {platform!r}. Pass "
       "backend='gpu' or backend='tpu' with interpret=True to run a kernel in "
       "interpret mode, or backend='xla' for the blockwise XLA path."
@@ -95,7 +95,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids: Any = None,
 
   Raises:
     ValueError, TypeError: bad arguments (named, with their shapes).
-    NotImplementedError: the chosen target cannot serve this call.
+    UnsupportedCallError: the chosen target cannot serve this call.
 
   >>> import jax, jax.numpy as jnp
   >>> q = jax.random.normal(jax.random.key(0), (1, 16, 2, 32))

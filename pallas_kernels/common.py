@@ -17,11 +17,20 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import dropout as dropout_lib
 from pallas_kernels import masks as masks_lib
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class UnsupportedCallError(ValueError, NotImplementedError):
+  """A call that the chosen (or forced) attention path cannot serve.
+
+  A ``ValueError``, as every bad input is, and a ``NotImplementedError``,
+  as a path's refusal: ``except`` either catches it.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +95,25 @@ def check_qkv(q, k, v) -> Problem:
   return Problem(B=B, T=T, S=S, N=N, K=K, H=H, Hv=v.shape[3])
 
 
+def is_real_scalar(x) -> bool:
+  """One real number: a Python, NumPy or 0-d JAX scalar; not a bool, a
+  string, or an array of another shape."""
+  if isinstance(x, (bool, np.bool_)):
+    return False
+  if isinstance(x, (int, float)):
+    return True
+  dtype = getattr(x, "dtype", None)
+  return (dtype is not None and np.ndim(x) == 0
+          and np.issubdtype(dtype, np.number))
+
+
+def _real(name: str, x, what: str) -> float:
+  """``x`` as a float, or a TypeError naming ``name``."""
+  if not is_real_scalar(x):
+    raise TypeError(f"`{name}` must be {what}; got {name}={x!r}.")
+  return float(x)
+
+
 def prepare(q, k, v, *, causal: bool = False, segment_ids: Any = None,
             kv_lengths=None, q_lengths=None, sliding_window: Any = None,
             mask=None, scale: Optional[float] = None,
@@ -99,10 +127,10 @@ def prepare(q, k, v, *, causal: bool = False, segment_ids: Any = None,
       q_lengths=q_lengths, kv_lengths=kv_lengths, mask=mask)
   if scale is None:
     scale = 1.0 / math.sqrt(problem.H)
-  scale = float(scale)
-  if not isinstance(dropout_rate, (int, float)):
-    raise TypeError(f"`dropout_rate` must be a Python float; got "
-                    f"{type(dropout_rate).__name__}.")
+  scale = _real("scale", scale, "a float, or None for 1/sqrt(H)")
+  if not math.isfinite(scale):
+    raise ValueError(f"`scale` must be finite; got {scale=}.")
+  dropout_rate = _real("dropout_rate", dropout_rate, "a float in [0, 1)")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"`dropout_rate` must be in [0, 1); got {dropout_rate=}.")
   seeds = None

@@ -184,7 +184,7 @@ class _Config:
 def _make_config(prep: common.Prepared, dtype, block_sizes, interpret):
   p = prep.problem
   if max(p.H, p.Hv) > MAX_HEAD_DIM:
-    raise NotImplementedError(
+    raise common.UnsupportedCallError(
         f"The GPU kernel supports head dims up to {MAX_HEAD_DIM}; got "
         f"H={p.H} and Hv={p.Hv}.")
   if block_sizes is None:
@@ -911,7 +911,7 @@ def attention(q, k, v, prep: common.Prepared, *, block_sizes=None,
     natural-log log-sum-exp, differentiable.
 
   Raises:
-    NotImplementedError: ``H`` or ``Hv`` above :data:`MAX_HEAD_DIM`.
+    UnsupportedCallError: ``H`` or ``Hv`` above :data:`MAX_HEAD_DIM`.
     TypeError: ``block_sizes`` of the wrong type.
 
   >>> from pallas_kernels import common

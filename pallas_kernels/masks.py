@@ -151,7 +151,13 @@ class MaskSpec:
         raise ValueError(
             "`sliding_window` as a sequence must be a pair (left, right). "
             f"Received: sliding_window={sliding_window!r}")
-      return spec & cls(left=sliding_window[0], right=sliding_window[1])
+      try:
+        return spec & cls(left=sliding_window[0], right=sliding_window[1])
+      except ValueError:
+        raise ValueError(
+            "`sliding_window` as a pair (left, right) takes non-negative "
+            f"ints or None. Received: sliding_window={sliding_window!r}"
+        ) from None
     return spec & cls.sliding_window(sliding_window)
 
   def __and__(self, other: "MaskSpec") -> "MaskSpec":
@@ -307,13 +313,14 @@ def normalize_mask_data(B: int, T: int, S: int, N: int, *, segment_ids=None,
       raise ValueError(
           f"`mask` must have shape (#B, #N, T, S) = (#{B}, #{N}, {T}, {S}); "
           f"got {mask.shape}.")
+    given = mask.shape
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
     expected = (B, N, T, S)
     if any(m not in (1, e) for m, e in zip(mask.shape, expected)) or (
         mask.shape[2:] != (T, S)):
       raise ValueError(
           f"`mask` must have shape (#B, #N, T, S) = (#{B}, #{N}, {T}, {S}); "
-          f"got {mask.shape}.")
+          f"got {given}.")
   return MaskData(q_segment_ids=q_ids, kv_segment_ids=kv_ids,
                   q_lengths=_lengths("q_lengths", q_lengths),
                   kv_lengths=_lengths("kv_lengths", kv_lengths), mask=mask)

@@ -890,7 +890,7 @@ def _attention(q, k, v, prep: common.Prepared, block_sizes, interpret):
     need = _vmem_bytes(st, t, kind)
     if need > VMEM_BUDGET_BYTES:
       p = st.problem
-      raise NotImplementedError(
+      raise common.UnsupportedCallError(
           f"The TPU {kind} kernel would need about {need / 2**20:.1f} MiB of "
           f"VMEM (budget {VMEM_BUDGET_BYTES / 2**20:.0f} MiB) with blocks "
           f"bq={t.bq}, bk={t.bk} and H={p.H}, Hv={p.Hv}; pass smaller "
@@ -918,7 +918,7 @@ def attention(q, k, v, prep: common.Prepared, *,
     ``out (B, T, N, Hv)`` in ``q.dtype`` and ``lse (B, N, T)`` float32.
 
   Raises:
-    NotImplementedError: no TPU and ``interpret`` is False, or the blocks
+    UnsupportedCallError: no TPU and ``interpret`` is False, or the blocks
       would not fit in VMEM.
     TypeError: ``block_sizes`` or ``interpret`` of the wrong type.
 
@@ -929,7 +929,7 @@ def attention(q, k, v, prep: common.Prepared, *,
   ((1, 8, 2, 32), (1, 2, 8))
   """
   if not _interpret_params(interpret) and jax.default_backend() != "tpu":
-    raise NotImplementedError(
+    raise common.UnsupportedCallError(
         "The Mosaic TPU kernels need a TPU; jax.default_backend() is "
         f"{jax.default_backend()!r}. Pass interpret=True to run them in the "
         "TPU interpreter.")

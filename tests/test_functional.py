@@ -109,6 +109,25 @@ def test_training_with_dropout_needs_a_key():
     jaxmha.apply(params, cfg, q, v, training=True)
 
 
+@pytest.mark.parametrize("rng, error, match", [
+    (0, TypeError, "got int"),
+    (jnp.array([0.3, 0.7]), TypeError, "dtype float32"),
+    (jnp.array([3, 4], jnp.int32), TypeError, "dtype int32"),
+    (jax.random.split(jax.random.key(0)), ValueError, r"shape \(2,\)"),
+    (jnp.zeros((2, 2), jnp.uint32), ValueError, r"shape \(2, 2\)"),
+])
+def test_dropout_rng_must_be_one_prng_key(rng, error, match):
+  cfg, params, q, v = _setup()
+  with pytest.raises(error, match=f"dropout_rng.*{match}"):
+    jaxmha.apply(params, cfg, q, v, training=True, dropout_rng=rng)
+  # A raw uint32 key is one key: the same bits as its typed form.
+  raw = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(
+      jaxmha.apply(params, cfg, q, v, training=True, dropout_rng=raw),
+      jaxmha.apply(params, cfg, q, v, training=True,
+                   dropout_rng=jax.random.wrap_key_data(raw)))
+
+
 # -- transforms ----------------------------------------------------------------
 
 
@@ -162,6 +181,24 @@ def test_linen_dropout_rng_stream_and_missing_key():
   assert not np.allclose(run(jax.random.key(3)), run(jax.random.key(4)))
   with pytest.raises(ValueError, match="dropout"):
     layer.apply(variables, x, x, training=True)
+
+
+def test_linen_seed_layer_runs_inference_on_params_alone():
+  layer = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.5,
+                                    seed=7)
+  x = jax.random.normal(jax.random.key(0), (1, 6, 8))
+  variables = layer.init(jax.random.key(0), x, x)
+  assert "dropout_counter" in variables
+  params_only = {"params": variables["params"]}
+  np.testing.assert_array_equal(layer.apply(params_only, x, x),
+                                layer.apply(variables, x, x))
+  # Training from the seed needs the counter: a clear error without it.
+  with pytest.raises(ValueError, match="dropout_counter"):
+    layer.apply(params_only, x, x, training=True)
+  out, state = layer.apply(variables, x, x, training=True,
+                           mutable=["dropout_counter"])
+  assert int(state["dropout_counter"]["step"]) == 1
+  assert not np.allclose(out, layer.apply(variables, x, x))
 
 
 def test_linen_dtype_and_param_dtype():
@@ -233,6 +270,14 @@ def test_config_errors_name_the_argument(kwargs, match):
     jaxmha.MHAConfig(**kwargs)
 
 
+def test_config_takes_numpy_and_jax_scalars_for_dropout():
+  for rate in (np.float32(0.25), jnp.float32(0.25), np.float64(0.25)):
+    assert jaxmha.MHAConfig(num_heads=2, key_dim=4, dropout=rate).dropout == 0.25
+  for rate in (True, None, jnp.array([0.1])):
+    with pytest.raises(ValueError, match="dropout"):
+      jaxmha.MHAConfig(num_heads=2, key_dim=4, dropout=rate)
+
+
 def test_config_type_errors():
   with pytest.raises(TypeError, match="flash_attention"):
     jaxmha.MHAConfig(num_heads=2, key_dim=4, flash_attention="yes")
@@ -260,6 +305,12 @@ def test_call_errors_name_the_argument_and_shapes():
       (dict(query_mask=jnp.ones((2, 5), bool)), ValueError, "query_mask"),
       (dict(value_mask=jnp.ones((3, 6), bool)), ValueError, "value_mask"),
       (dict(query=q.astype(jnp.int32)), TypeError, "query"),
+      # The shape the user passed, not a reshaped one.
+      (dict(attention_mask=jnp.ones((6, 5), bool)), ValueError,
+       r"attention_mask.shape=\(6, 5\)"),
+      (dict(dtype=jnp.int32), TypeError, "dtype=int32"),
+      (dict(dtype=jnp.bool_), TypeError, "dtype=bool"),
+      (dict(dtype="bogus"), TypeError, "dtype='bogus'"),
       (dict(attention_mask=jnp.ones((2, 6, 6), jnp.complex64)), None, None),
   ]
   for overrides, error, match in cases:
@@ -280,8 +331,19 @@ def test_call_errors_name_the_argument_and_shapes():
 def test_forced_flash_refusal_is_a_clear_error():
   cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8,
                                               flash_attention=True))
-  with pytest.raises(NotImplementedError, match="return_attention_scores"):
-    jaxmha.apply(params, cfg, q, v, return_attention_scores=True)
+  # A ValueError, as every bad input is, and a NotImplementedError.
+  for error in (jaxmha.UnsupportedCallError, ValueError, NotImplementedError):
+    with pytest.raises(error, match="return_attention_scores"):
+      jaxmha.apply(params, cfg, q, v, return_attention_scores=True)
+
+
+def test_context_parallel_attention_mask_is_refused_before_its_shape():
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(
+      num_heads=2, key_dim=8, context_parallel_axis="seq"))
+  for mask in (jnp.ones((2, 6, 6), bool), jnp.ones((2, 3, 6), bool)):
+    with pytest.raises(jaxmha.UnsupportedCallError,
+                       match="context_parallel_axis='seq'.*attention_mask"):
+      jaxmha.apply(params, cfg, q, v, attention_mask=mask)
 
 
 def test_global_flash_switch_and_per_layer_false():
@@ -305,6 +367,27 @@ def test_explain_names_the_blockwise_path_for_long_sequences():
   cfg = jaxmha.MHAConfig(num_heads=2, key_dim=8)
   x = jax.ShapeDtypeStruct((1, 4096, 16), jnp.float32)
   assert jaxmha.explain(cfg, x, x).path == "xla_blockwise"
+  lists = np.ones((1, 5, 16)).tolist()  # as apply, explain takes lists
+  assert jaxmha.explain(cfg, lists, lists).path == "xla"
+
+
+def test_forward_mode_autodiff_on_the_fused_path():
+  """The README's rule: the custom_vjp paths are reverse-mode only, and
+  ``use_path("xla")`` gives jvp at any length."""
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8), B=1,
+                             T=160, S=160)
+  f = lambda x: jaxmha.apply(params, cfg, x, v, use_causal_mask=True)
+  t = jax.random.normal(jax.random.key(9), q.shape)
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(f, (q,), (t,))  # blockwise from 128 positions
+  with jaxmha.dispatch.use_path("xla"):
+    out, tangent = jax.jvp(f, (q,), (t,))
+  np.testing.assert_allclose(out, f(q), rtol=1e-5, atol=1e-5)
+  # The tangent equals the blockwise path's linearisation, by reverse mode.
+  _, vjp = jax.vjp(f, q)
+  cot = jax.random.normal(jax.random.key(10), out.shape)
+  np.testing.assert_allclose(jnp.vdot(tangent, cot), jnp.vdot(t, vjp(cot)[0]),
+                             rtol=1e-4)
 
 
 # -- property test against an independent implementation ------------------------

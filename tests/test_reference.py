@@ -102,3 +102,33 @@ def test_dropout_bits_are_the_uint32_murmur_chain():
   h_row = dropout_lib.row_hash(seeds, jnp.int32(b), jnp.int32(n), jnp.int32(i))
   got = dropout_lib.bits_from_row(h_row, jnp.int32(j), seeds[1])
   assert int(got) == expected
+
+
+def test_kernel_api_argument_errors_name_the_argument():
+  import pytest  # pylint: disable=g-import-not-at-top
+  import pallas_kernels  # pylint: disable=g-import-not-at-top
+  q = jax.random.normal(jax.random.key(0), (1, 16, 2, 8))
+  call = lambda **kw: pallas_kernels.flash_attention(q, q, q, **kw)
+  key = jax.random.key(1)
+  cases = [
+      (dict(scale="a"), TypeError, "scale='a'"),
+      (dict(scale=float("nan")), ValueError, "scale"),
+      (dict(dropout_rate=[0.1], dropout_rng=key), TypeError, "dropout_rate"),
+      (dict(dropout_rate=1.5, dropout_rng=key), ValueError, "dropout_rate"),
+      (dict(dropout_rate=0.1, dropout_rng=0), TypeError, "dropout_rng"),
+      (dict(sliding_window=(-1, 2)), ValueError, r"sliding_window=\(-1, 2\)"),
+      (dict(mask=jnp.ones((16, 15), bool)), ValueError, r"got \(16, 15\)"),
+      # (backend="gpu" without interpret stays legal off a GPU: it lowers
+      # for a CUDA target ahead of time, see test_lowers_to_triton.)
+      (dict(backend="tpu"), pallas_kernels.UnsupportedCallError,
+       "interpret=True"),
+  ]
+  for kwargs, error, match in cases:
+    with pytest.raises(error, match=match):
+      call(**{"backend": "xla", **kwargs})
+  # NumPy and concrete JAX scalars are numbers too.
+  want = call(backend="xla", scale=0.5, dropout_rate=0.25, dropout_rng=key)
+  for scalar in (np.float32, jnp.float32):
+    got = call(backend="xla", scale=scalar(0.5), dropout_rate=scalar(0.25),
+               dropout_rng=key)
+    np.testing.assert_array_equal(got, want)
