@@ -80,7 +80,8 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids: Any = None,
     kv_lengths: ``(B,)``; keys at ``j >= kv_lengths[b]`` are padding.
     q_lengths: ``(B,)``; query rows at ``i >= q_lengths[b]`` attend nothing.
     sliding_window: ``w`` (``|i - j| < w``) or ``(left, right)``.
-    mask: ``(#B, #N, T, S)`` boolean, True = may attend.
+    mask: ``(#B, #N, T, S)`` boolean, True = may attend; or ``(#B, T, S)``
+      for every head (as Keras's ``attention_mask``), or ``(T, S)``.
     scale: logit scale, default ``1 / sqrt(H)``.
     dropout_rate: attention-probability dropout; needs ``dropout_rng``.
     dropout_rng: PRNG key; the bits are a pure function of (key, b, n, i, j).

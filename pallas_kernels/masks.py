@@ -261,8 +261,8 @@ def normalize_mask_data(B: int, T: int, S: int, N: int, *, segment_ids=None,
       pair ``(q_ids (B, T), kv_ids (B, S))``.
     q_lengths: ``(B,)`` valid query rows per example.
     kv_lengths: ``(B,)`` valid keys per example.
-    mask: ``(#B, #N, T, S)`` boolean (a 2-D ``(T, S)`` or 3-D ``(#B, T, S)``
-      mask is accepted and gets the missing leading dims).
+    mask: ``(#B, #N, T, S)`` boolean; also ``(#B, T, S)`` (every head, as
+      Keras's ``attention_mask``) or ``(T, S)``.
 
   Raises:
     ValueError: a shape that does not fit ``B, T, S, N``.
@@ -309,18 +309,16 @@ def normalize_mask_data(B: int, T: int, S: int, N: int, *, segment_ids=None,
     if mask.dtype != jnp.bool_:
       raise TypeError(f"`mask` must be boolean (True = may attend); got "
                       f"{mask.dtype}.")
+    expected = (f"`mask` must have shape (#B, #N, T, S) = (#{B}, #{N}, {T}, "
+                f"{S}), (#B, T, S) or (T, S); got {mask.shape}.")
     if mask.ndim < 2 or mask.ndim > 4:
-      raise ValueError(
-          f"`mask` must have shape (#B, #N, T, S) = (#{B}, #{N}, {T}, {S}); "
-          f"got {mask.shape}.")
-    given = mask.shape
+      raise ValueError(expected)
+    if mask.ndim == 3:
+      mask = mask[:, None]  # (#B, T, S): per example, every head
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    expected = (B, N, T, S)
-    if any(m not in (1, e) for m, e in zip(mask.shape, expected)) or (
+    if any(m not in (1, e) for m, e in zip(mask.shape, (B, N, T, S))) or (
         mask.shape[2:] != (T, S)):
-      raise ValueError(
-          f"`mask` must have shape (#B, #N, T, S) = (#{B}, #{N}, {T}, {S}); "
-          f"got {given}.")
+      raise ValueError(expected)
   return MaskData(q_segment_ids=q_ids, kv_segment_ids=kv_ids,
                   q_lengths=_lengths("q_lengths", q_lengths),
                   kv_lengths=_lengths("kv_lengths", kv_lengths), mask=mask)

@@ -202,6 +202,24 @@ class AttentionConformance:
       assert bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))), name
       assert_close(g, r, GRAD, grad_case.dtype, name)
 
+  def test_mixed_input_dtypes_run_in_their_common_dtype(self):
+    shape = AttentionShape(B=1, T=21, S=35, N=4, K=2, H=16)
+    q, k, v, _ = make_inputs(Case(shape), seed=3)
+    k, v = k.astype(jnp.bfloat16), v.astype(jnp.float16)  # q stays fp32
+    loss = lambda fn, q, k, v: jnp.sum(fn(q, k, v, causal=True) ** 2)
+    out = self.attention(q, k, v, causal=True)
+    assert out.dtype == q.dtype
+    assert_close(out, reference_attention(q, k, v, causal=True), FORWARD)
+    grads = jax.grad(functools.partial(loss, self.attention), (0, 1, 2))(
+        q, k, v)
+    ref = jax.grad(functools.partial(loss, reference_attention), (0, 1, 2))(
+        q, k, v)
+    for name, g, r, x in zip(("dq", "dk", "dv"), grads, ref, (q, k, v)):
+      assert g.dtype == x.dtype, name
+      # dk and dv are rounded to their inputs' dtypes.
+      assert_close(g, r, GRAD, "float32" if name == "dq" else str(x.dtype),
+                   name)
+
   # -- the empty-row rule ----------------------------------------------------
 
   def test_fully_masked_rows(self):

@@ -132,3 +132,17 @@ def test_kernel_api_argument_errors_name_the_argument():
     got = call(backend="xla", scale=scalar(0.5), dropout_rate=scalar(0.25),
                dropout_rng=key)
     np.testing.assert_array_equal(got, want)
+
+
+def test_three_dim_mask_is_per_example():
+  """A ``(#B, T, S)`` mask holds for every head of its example, as Keras's
+  ``attention_mask``, whatever ``N`` is."""
+  for N in (2, 3):
+    q = jax.random.normal(jax.random.key(N), (2, 8, N, 16))
+    mask = np.ones((2, 8, 8), bool)
+    mask[1] = np.tril(mask[1])  # example 0: full; example 1: causal
+    got = reference.attention(q, q, q, mask=jnp.asarray(mask))
+    want = reference.attention(q, q, q, mask=jnp.asarray(mask)[:, None])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(
+        got[1], reference.attention(q[1:], q[1:], q[1:], causal=True)[0])
