@@ -155,8 +155,9 @@ def _check_params(params, cfg: MHAConfig, query, value, key) -> None:
   expected = param_shapes(cfg, query.shape, value.shape, key.shape)
   if not isinstance(params, dict):
     raise TypeError(f"`params` must be a dict; got {type(params).__name__}.")
-  got = {name: {leaf: tuple(jnp.shape(x)) for leaf, x in sub.items()}
-         for name, sub in params.items() if isinstance(sub, dict)}
+  got = {name: ({leaf: tuple(jnp.shape(x)) for leaf, x in sub.items()}
+                if isinstance(sub, dict) else tuple(jnp.shape(sub)))
+         for name, sub in params.items()}
   if got != expected:
     raise ValueError(
         "`params` do not fit this configuration and these inputs: expected "

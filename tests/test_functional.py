@@ -324,6 +324,10 @@ def test_call_errors_name_the_argument_and_shapes():
       jaxmha.apply(params, cfg, query, value, **kw)
   with pytest.raises(TypeError, match="cfg"):
     jaxmha.apply(params, {"num_heads": 2}, q, v)
+  # An entry the config does not have is not silently ignored.
+  for extra in (jnp.ones(3), {"kernel": jnp.ones(3)}):
+    with pytest.raises(ValueError, match="'extra'"):
+      jaxmha.apply(dict(params, extra=extra), cfg, q, v)
   with pytest.raises(ValueError, match="attention_axes"):
     jaxmha.apply(params, cfg.replace(attention_axes=(2,)), q, v)
 
