@@ -218,6 +218,16 @@ class MHAConfig:
     return self.value_dim if self.value_dim else self.key_dim
 
   @property
+  def min_input_rank(self) -> int:
+    """The smallest input rank ``attention_axes`` fit: 3, or more for
+    axes past the first (axis ``a >= 0`` needs ``a + 2``; ``a < 0``, which
+    counts from the feature axis at -1, needs ``1 - a``)."""
+    rank = 3
+    for a in self.attention_axes or ():
+      rank = max(rank, a + 2 if a >= 0 else 1 - a)
+    return rank
+
+  @property
   def kv_heads(self) -> int:
     """K: key/value heads (``num_heads`` unless grouped-query)."""
     return self.num_key_value_heads or self.num_heads

@@ -43,6 +43,9 @@ Other arguments with a cache:
 * Inputs of rank > 3 (several attention axes): ``UnsupportedCallError``.
 * ``flash_attention=True`` (per layer or global): ``UnsupportedCallError``;
   there is no Pallas decode kernel, and a forced path is never ignored.
+* ``context_parallel_axis`` (config or :func:`jaxmha.context_parallel`):
+  ``UnsupportedCallError``; the cache is not split over devices, and
+  context parallelism is never dropped silently.
 
 **A full cache is an error, never a silent overwrite.** When ``lengths``
 (and ``new_lengths``) are concrete, a call that would write past
@@ -528,6 +531,13 @@ def apply_with_projections(params, cfg: MHAConfig, query, value, key=None,
     raise kernel_common.UnsupportedCallError(
         "flash_attention=True (set on the layer or globally), but there is no "
         "flash decode kernel; decode with flash_attention=None or False.")
+  if req.context_parallel_axis is not None:
+    # Context parallelism is never dropped silently (see jaxmha.dispatch).
+    raise kernel_common.UnsupportedCallError(
+        f"context_parallel_axis={req.context_parallel_axis!r} with a cache: "
+        "the cache holds whole sequences and decoding does not split them "
+        "over devices; decode with a config without context_parallel_axis "
+        "(the params are the same).")
   B, t = q_shape[:2]
   if cache.k.shape[0] != B:
     raise ValueError(f"The cache holds batch_size={cache.k.shape[0]} "

@@ -138,6 +138,7 @@ def init_params(rng, cfg: MHAConfig, query_shape, value_shape,
   >>> jax.tree.map(jnp.shape, params["query"])
   {'bias': (2, 4), 'kernel': (16, 2, 4)}
   """
+  dtype = float_dtype("dtype", dtype)
   shapes = param_shapes(cfg, query_shape, value_shape, key_shape)
   kernel_init = initializers.get(cfg.kernel_initializer)
   bias_init = initializers.get(cfg.bias_initializer)
@@ -185,16 +186,16 @@ def _as_array(name: str, x):
   return x
 
 
-def _compute_dtype(dtype) -> jnp.dtype:
-  """``dtype`` as a floating-point dtype, or a TypeError naming it."""
+def float_dtype(name: str, dtype) -> jnp.dtype:
+  """``dtype`` as a floating-point dtype, or a TypeError naming ``name``."""
   try:
     resolved = jnp.dtype(dtype)
   except TypeError:
-    raise TypeError(f"`dtype` must be a floating-point dtype; got "
-                    f"dtype={dtype!r}.") from None
+    raise TypeError(f"`{name}` must be a floating-point dtype; got "
+                    f"{name}={dtype!r}.") from None
   if not jnp.issubdtype(resolved, jnp.floating):
-    raise TypeError(f"`dtype` must be a floating-point dtype (float32, "
-                    f"bfloat16, float16); got dtype={resolved}.")
+    raise TypeError(f"`{name}` must be a floating-point dtype (float32, "
+                    f"bfloat16, float16); got {name}={resolved}.")
   return resolved
 
 
@@ -224,7 +225,7 @@ def _prepare_call(params, cfg, query, value, key, *, attention_mask,
   if dtype is None:
     leaves = [] if abstract else jax.tree_util.tree_leaves(params)
     dtype = jnp.result_type(query.dtype, value.dtype, key.dtype, *leaves)
-  dtype = _compute_dtype(dtype)
+  dtype = float_dtype("dtype", dtype)
 
   N, K, H, Hv = cfg.num_heads, cfg.kv_heads, cfg.key_dim, cfg.value_head_dim
   layout = equations.AttentionLayout(query_dims=query_shape[:-1],

@@ -95,13 +95,6 @@ def _normalized_axes(axes, rank: int) -> tuple[int, ...]:
   return tuple(a if a >= 0 else rank + a for a in axes)
 
 
-def _min_rank(axes) -> int:
-  """The smallest input rank that ``axes`` fit (batch and features apart)."""
-  if axes is None:
-    return 3
-  return max([3] + [a + 2 if a >= 0 else 1 - a for a in axes])
-
-
 def config_from_keras(layer) -> MHAConfig:
   """The :class:`MHAConfig` of a Keras ``MultiHeadAttention`` layer."""
   keras_cfg = layer.get_config()
@@ -230,7 +223,7 @@ def _build_shapes(params: dict, cfg: MHAConfig, query_shape, value_shape,
     if value_shape is not None or key_shape is not None:
       raise ValueError("Pass `query_shape` with `value_shape`/`key_shape`; "
                        "got only the latter.")
-    lead = (1,) * (_min_rank(cfg.attention_axes) - 1)
+    lead = (1,) * (cfg.min_input_rank - 1)
     return {f"{name}_shape": lead + (features[name],) for name in features}
   value_shape = query_shape if value_shape is None else value_shape
   key_shape = value_shape if key_shape is None else key_shape

@@ -76,6 +76,11 @@ class _Projection(nn.Module):
     return params
 
 
+_REGULARIZER_ARGS = ("kernel_regularizer", "bias_regularizer",
+                     "activity_regularizer")
+_CONSTRAINT_ARGS = ("kernel_constraint", "bias_constraint")
+
+
 def _seed_key(seed: int):
   return jax.random.key(seed)
 
@@ -90,7 +95,8 @@ class MultiHeadAttention(nn.Module):
       ``array -> scalar``; sown into ``"losses"``.
     bias_regularizer: likewise, for biases.
     activity_regularizer: likewise, on each projection's output divided by
-      the batch size (what Keras computes).
+      the batch size (what Keras computes); the last call's, for a layer
+      called several times in one ``apply``.
     kernel_constraint, bias_constraint: Keras names or ``array -> array``;
       apply them with :meth:`constraints_transform` in the optimizer or
       :meth:`apply_constraints` after each step.
@@ -146,11 +152,13 @@ class MultiHeadAttention(nn.Module):
   def __post_init__(self):
     # Validate eagerly, at construction, as Keras does.
     self.config  # pylint: disable=pointless-statement
-    regularizers.get_regularizer(self.kernel_regularizer)
-    regularizers.get_regularizer(self.bias_regularizer)
-    regularizers.get_regularizer(self.activity_regularizer)
-    regularizers.get_constraint(self.kernel_constraint)
-    regularizers.get_constraint(self.bias_constraint)
+    for name in _REGULARIZER_ARGS:
+      regularizers.get_regularizer(getattr(self, name), name)
+    for name in _CONSTRAINT_ARGS:
+      regularizers.get_constraint(getattr(self, name), name)
+    functional.float_dtype("param_dtype", self.param_dtype)
+    if self.dtype is not None:
+      functional.float_dtype("dtype", self.dtype)
     if self.seed is not None and (not isinstance(self.seed, int)
                                   or isinstance(self.seed, bool)):
       raise TypeError(f"`seed` must be None or an int. Received: "

@@ -52,14 +52,6 @@ class _Projection(nnx.Module):
     return params
 
 
-def _min_rank(attention_axes) -> int:
-  """The smallest input rank for which ``attention_axes`` are valid."""
-  rank = 3
-  for a in attention_axes or ():
-    rank = max(rank, a + 2 if a >= 0 else 1 - a)
-  return rank
-
-
 class MultiHeadAttention(nnx.Module):
   """Keras's ``MultiHeadAttention`` as a Flax NNX module.
 
@@ -136,6 +128,9 @@ class MultiHeadAttention(nnx.Module):
     if not isinstance(rngs, nnx.Rngs):
       raise TypeError(f"`rngs` must be an nnx.Rngs; got "
                       f"{type(rngs).__name__}.")
+    param_dtype = functional.float_dtype("param_dtype", param_dtype)
+    if dtype is not None:
+      functional.float_dtype("dtype", dtype)
     value_features = query_features if value_features is None else (
         value_features)
     key_features = value_features if key_features is None else key_features
@@ -145,7 +140,7 @@ class MultiHeadAttention(nnx.Module):
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"`{name}` must be a positive int. Received: "
                          f"{name}={value!r}")
-    lead = (1,) * (_min_rank(cfg.attention_axes) - 1)
+    lead = (1,) * (cfg.min_input_rank - 1)
     params = functional.init_params(
         rngs.params(), cfg, lead + (query_features,),
         lead + (value_features,), lead + (key_features,), dtype=param_dtype)
@@ -156,12 +151,16 @@ class MultiHeadAttention(nnx.Module):
     self.seed = seed
     self.dtype = dtype
     self.param_dtype = param_dtype
-    self.kernel_regularizer = regularizers.get_regularizer(kernel_regularizer)
-    self.bias_regularizer = regularizers.get_regularizer(bias_regularizer)
+    self.kernel_regularizer = regularizers.get_regularizer(
+        kernel_regularizer, "kernel_regularizer")
+    self.bias_regularizer = regularizers.get_regularizer(
+        bias_regularizer, "bias_regularizer")
     self.activity_regularizer = regularizers.get_regularizer(
-        activity_regularizer)
-    self.kernel_constraint = regularizers.get_constraint(kernel_constraint)
-    self.bias_constraint = regularizers.get_constraint(bias_constraint)
+        activity_regularizer, "activity_regularizer")
+    self.kernel_constraint = regularizers.get_constraint(
+        kernel_constraint, "kernel_constraint")
+    self.bias_constraint = regularizers.get_constraint(
+        bias_constraint, "bias_constraint")
     self.projection_names = tuple(params)
     for name, sub in params.items():
       setattr(self, name, _Projection(sub["kernel"], sub.get("bias")))
@@ -170,7 +169,15 @@ class MultiHeadAttention(nnx.Module):
       if seed is not None:
         self.dropout_counter = DropoutCounter(jnp.zeros((), jnp.uint32))
       else:
-        self.rngs = rngs.dropout.fork()
+        try:  # the 'dropout' stream, or Rngs' default one
+          stream = rngs.dropout
+        except AttributeError:
+          raise ValueError(
+              f"dropout={cfg.dropout} and no seed: the layer keeps a fork of "
+              "the 'dropout' stream of `rngs`, which has none (nor a "
+              "default). Pass rngs=nnx.Rngs(params=..., dropout=...), or "
+              "seed=<int>.") from None
+        self.rngs = stream.fork()
     if self.activity_regularizer is not None:
       self.activity_loss = ActivityRegularization(jnp.zeros((), jnp.float32))
 
@@ -224,6 +231,12 @@ class MultiHeadAttention(nnx.Module):
         return rngs.dropout()
       if isinstance(rngs, nnx.RngStream):
         return rngs()
+      dtype = getattr(rngs, "dtype", None)
+      if dtype is None or not (jnp.issubdtype(dtype, jax.dtypes.prng_key)
+                               or dtype == jnp.uint32):
+        raise TypeError(
+            "`rngs` must be an nnx.Rngs, an nnx.RngStream or a PRNG key; got "
+            f"{type(rngs).__name__}.")
       return rngs
     if self.rngs is not None:
       return self.rngs()

@@ -16,6 +16,7 @@ kernels ``(D, N, H)`` that is the input-feature axis.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import jax
@@ -70,7 +71,8 @@ def l1_l2(l1: float = 0.01, l2: float = 0.01) -> L1L2:  # pylint: disable=redefi
 _REGULARIZERS = {"l1": l1, "l2": l2, "l1_l2": l1_l2, "l1l2": l1_l2}
 
 
-def get_regularizer(identifier) -> Optional[Callable[[jax.Array], jax.Array]]:
+def get_regularizer(identifier, name: str = "regularizer"
+                    ) -> Optional[Callable[[jax.Array], jax.Array]]:
   """None, a Keras name (``"l1"``, ``"l2"``, ``"l1_l2"``) or a callable.
 
   Names take Keras's documented defaults (0.01). Note: Keras's own
@@ -78,27 +80,39 @@ def get_regularizer(identifier) -> Optional[Callable[[jax.Array], jax.Array]]:
   penalty); jaxmha's ``"l1_l2"`` and ``"l1l2"`` mean 0.01 and 0.01.
 
   Raises:
-    ValueError: an unknown name.
+    ValueError: an unknown name; the message names the argument ``name``.
   """
   if identifier is None or callable(identifier):
     return identifier
   if isinstance(identifier, str) and identifier.lower() in _REGULARIZERS:
     return _REGULARIZERS[identifier.lower()]()
   raise ValueError(
-      f"Could not interpret regularizer identifier: {identifier!r}. Use one "
-      f"of {sorted(_REGULARIZERS)} or a callable array -> scalar.")
+      f"Could not interpret `{name}`={identifier!r}. Use None, one of "
+      f"{sorted(_REGULARIZERS)} or a callable array -> scalar.")
+
+
+# Collections a variables or state dict may hold besides "losses".
+_OTHER_COLLECTIONS = ("params", "dropout_counter", "batch_stats", "cache",
+                      "intermediates")
 
 
 def regularization_loss(variables_or_state: Any) -> jax.Array:
   """Sums every value sown into a ``"losses"`` collection.
 
   Accepts the mutated-state dict returned by ``layer.apply(...,
-  mutable=["losses"])``, a full variables dict, or the ``"losses"``
-  collection itself. Returns a float32 scalar (0.0 when there is nothing).
+  mutable=["losses", ...])``, a full variables dict, or the ``"losses"``
+  collection itself. A dict with other collections (``"params"``,
+  ``"dropout_counter"``, ...) and no ``"losses"`` has no losses: 0.0.
+
+  Returns:
+    A float32 scalar (0.0 when there is nothing).
   """
   tree = variables_or_state
-  if isinstance(tree, dict) and "losses" in tree:
-    tree = tree["losses"]
+  if isinstance(tree, Mapping):
+    if "losses" in tree:
+      tree = tree["losses"]
+    elif any(name in tree for name in _OTHER_COLLECTIONS):
+      tree = {}
   leaves = jax.tree_util.tree_leaves(tree)
   total = jnp.zeros((), jnp.float32)
   for leaf in leaves:
@@ -161,7 +175,8 @@ _CONSTRAINTS = {"non_neg": NonNeg, "max_norm": MaxNorm,
                 "unit_norm": UnitNorm, "min_max_norm": MinMaxNorm}
 
 
-def get_constraint(identifier) -> Optional[Callable[[jax.Array], jax.Array]]:
+def get_constraint(identifier, name: str = "constraint"
+                   ) -> Optional[Callable[[jax.Array], jax.Array]]:
   """None, a Keras name (``"non_neg"``, ``"max_norm"``, ``"unit_norm"``,
   ``"min_max_norm"``) or a callable ``array -> array``.
 
@@ -178,8 +193,8 @@ def get_constraint(identifier) -> Optional[Callable[[jax.Array], jax.Array]]:
     if key in _CONSTRAINTS:
       return _CONSTRAINTS[key]()
   raise ValueError(
-      f"Could not interpret constraint identifier: {identifier!r}. Use one "
-      f"of {sorted(_CONSTRAINTS)} or a callable array -> array.")
+      f"Could not interpret `{name}`={identifier!r}. Use None, one of "
+      f"{sorted(_CONSTRAINTS)} or a callable array -> array.")
 
 
 def apply_constraints(params: Any, kernel_constraint=None,
@@ -199,8 +214,8 @@ def apply_constraints(params: Any, kernel_constraint=None,
   >>> apply_constraints(params, kernel_constraint="non_neg")["query"]["kernel"].sum()
   Array(0., dtype=float32)
   """
-  kc = get_constraint(kernel_constraint)
-  bc = get_constraint(bias_constraint)
+  kc = get_constraint(kernel_constraint, "kernel_constraint")
+  bc = get_constraint(bias_constraint, "bias_constraint")
 
   def project(path, leaf):
     name = getattr(path[-1], "key", None) if path else None
@@ -228,8 +243,8 @@ def constraints_transform(kernel_constraint=None,
   >>> optax.apply_updates(params, updates)["k"]["kernel"]
   Array([0. , 0.9], dtype=float32)
   """
-  kc = get_constraint(kernel_constraint)
-  bc = get_constraint(bias_constraint)
+  kc = get_constraint(kernel_constraint, "kernel_constraint")
+  bc = get_constraint(bias_constraint, "bias_constraint")
 
   def init_fn(params):
     del params

@@ -300,6 +300,11 @@ def test_unsupported_arguments_with_a_cache_are_clear_errors():
                  x[:, :2], cache=cache)
   with pytest.raises(ValueError, match="same t new tokens"):
     jaxmha.apply(params, cfg, x[:, :2], x[:, :3], cache=cache)
+  # Context parallelism is refused, never dropped silently.
+  with pytest.raises(jaxmha.UnsupportedCallError,
+                     match="context_parallel_axis='seq' with a cache"):
+    jaxmha.apply(params, cfg.replace(context_parallel_axis="seq"), x[:, :2],
+                 x[:, :2], cache=cache)
   with pytest.raises(ValueError, match="needs a `cache`"):
     jaxmha.apply(params, cfg, x, x, new_lengths=jnp.array([1, 1, 1]))
   other = jaxmha.init_cache(cfg.replace(key_dim=8), batch_size=3,

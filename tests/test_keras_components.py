@@ -94,6 +94,25 @@ def test_activity_regularization_equals_keras():
                              rtol=1e-5)
 
 
+def test_regularization_loss_sums_losses_only():
+  module = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.1,
+                                     seed=0)
+  x = jnp.ones((1, 5, 8))
+  variables = module.init(jax.random.key(0), x, x)
+  assert float(jaxmha.regularization_loss(variables)) == 0.0  # params only
+  for _ in range(2):  # the dropout counter is not a loss
+    _, state = module.apply(variables, x, x, training=True,
+                            mutable=["losses", "dropout_counter"])
+    variables = {**variables, **state}
+    assert float(jaxmha.regularization_loss(state)) == 0.0
+  assert float(jaxmha.regularization_loss({"query": {"x": 2.0}})) == 2.0
+  with pytest.raises(ValueError, match="`activity_regularizer`=0.1"):
+    jaxmha.MultiHeadAttention(num_heads=2, key_dim=4,
+                              activity_regularizer=0.1)
+  with pytest.raises(TypeError, match="param_dtype=int32"):
+    jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, param_dtype="int32")
+
+
 def test_regularizer_names():
   x = jnp.array([1.0, -2.0])
   np.testing.assert_allclose(regularizers.get_regularizer("l1")(x), 0.03)

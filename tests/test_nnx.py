@@ -243,3 +243,20 @@ def test_errors_name_the_argument():
                              rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"query_features.*\(2, 5, 6\)"):
     layer(jnp.ones((2, 5, 6)), jnp.ones((2, 5, 8)))
+  for kw, error, match in (
+      (dict(kernel_regularizer="l3"), ValueError, "`kernel_regularizer`='l3'"),
+      (dict(bias_constraint=3), ValueError, "`bias_constraint`=3"),
+      (dict(param_dtype="int32"), TypeError, "param_dtype=int32"),
+      (dict(dtype="nope"), TypeError, "dtype='nope'")):
+    with pytest.raises(error, match=match):
+      MultiHeadAttention(num_heads=2, key_dim=4, query_features=8,
+                         rngs=nnx.Rngs(0), **kw)
+  # Dropout without a seed needs a stream to fork; Rngs' default one will do.
+  with pytest.raises(ValueError, match="'dropout' stream"):
+    MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.3, query_features=8,
+                       rngs=nnx.Rngs(params=0))
+  dropping = MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.3,
+                                query_features=8, rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 5, 8))
+  with pytest.raises(TypeError, match="`rngs` must be"):
+    dropping(x, x, training=True, rngs=5)
