@@ -115,8 +115,9 @@ class MHAConfig:
     output_shape: E, the output features besides batch and sequence dims
       (an int or a tuple); default: the query's last dim.
     attention_axes: the axes attention runs over; default all axes but
-      batch, heads and features. Negative axes count from the end of the
-      query (excluding the feature axis), as in Keras.
+      batch and features. Negative axes count from the end of the query,
+      as in Keras: -1 is the feature axis (so not allowed), -2 the last
+      sequence axis.
     sliding_window: Keras's symmetric band ``|i - j| < sliding_window``.
     use_gate: a sigmoid gate from the query on the attention output.
     flash_attention: None (use a kernel where the backend has one and the

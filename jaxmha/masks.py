@@ -35,12 +35,18 @@ from __future__ import annotations
 from typing import Optional
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmha.equations import AttentionLayout
 from pallas_kernels import masks as kernel_masks
 
 
 def _as_bool(name: str, mask):
+  if not hasattr(mask, "dtype"):
+    mask = np.asarray(mask)  # NumPy first: jnp rejects strings unnamed
+  if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.number)):
+    raise TypeError(f"`{name}` must be boolean or numeric; got "
+                    f"{name}.dtype={mask.dtype}, {name}.shape={mask.shape}.")
   mask = jnp.asarray(mask)
   if mask.dtype == jnp.bool_:
     return mask

@@ -308,6 +308,8 @@ def test_call_errors_name_the_argument_and_shapes():
       # The shape the user passed, not a reshaped one.
       (dict(attention_mask=jnp.ones((6, 5), bool)), ValueError,
        r"attention_mask.shape=\(6, 5\)"),
+      (dict(attention_mask=np.full((2, 6, 6), "a")), TypeError,
+       r"attention_mask.dtype=<U1, attention_mask.shape=\(2, 6, 6\)"),
       (dict(dtype=jnp.int32), TypeError, "dtype=int32"),
       (dict(dtype=jnp.bool_), TypeError, "dtype=bool"),
       (dict(dtype="bogus"), TypeError, "dtype='bogus'"),
@@ -376,8 +378,9 @@ def test_explain_names_the_blockwise_path_for_long_sequences():
 
 
 def test_forward_mode_autodiff_on_the_fused_path():
-  """The README's rule: the custom_vjp paths are reverse-mode only, and
-  ``use_path("xla")`` gives jvp at any length."""
+  """The README's rule: jvp of the custom_vjp blockwise path fails and
+  ``use_path("xla")`` gives it at any length; forward over reverse works on
+  the blockwise path."""
   cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8), B=1,
                              T=160, S=160)
   f = lambda x: jaxmha.apply(params, cfg, x, v, use_causal_mask=True)
@@ -392,6 +395,12 @@ def test_forward_mode_autodiff_on_the_fused_path():
   cot = jax.random.normal(jax.random.key(10), out.shape)
   np.testing.assert_allclose(jnp.vdot(tangent, cot), jnp.vdot(t, vjp(cot)[0]),
                              rtol=1e-4)
+  # Forward over reverse (a Hessian-vector product) on the blockwise path.
+  loss = lambda x: jnp.sum(f(x) ** 2)
+  hvp = jax.jvp(jax.grad(loss), (q,), (t,))[1]
+  with jaxmha.dispatch.use_path("xla"):
+    want = jax.jvp(jax.grad(loss), (q,), (t,))[1]
+  np.testing.assert_allclose(hvp, want, rtol=1e-3, atol=1e-3)
 
 
 # -- property test against an independent implementation ------------------------
