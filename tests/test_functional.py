@@ -3,6 +3,8 @@ errors, and property tests against an independent NumPy MHA."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
@@ -10,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh, AxisType
 
 import jaxmha
 from tests.keras_reference import naive_mha
@@ -272,7 +275,8 @@ def test_config_errors_name_the_argument(kwargs, match):
 
 def test_config_takes_numpy_and_jax_scalars_for_dropout():
   for rate in (np.float32(0.25), jnp.float32(0.25), np.float64(0.25)):
-    assert jaxmha.MHAConfig(num_heads=2, key_dim=4, dropout=rate).dropout == 0.25
+    cfg = jaxmha.MHAConfig(num_heads=2, key_dim=4, dropout=rate)
+    assert cfg.dropout == 0.25
   for rate in (True, None, jnp.array([0.1])):
     with pytest.raises(ValueError, match="dropout"):
       jaxmha.MHAConfig(num_heads=2, key_dim=4, dropout=rate)
@@ -367,6 +371,29 @@ def test_global_flash_switch_and_per_layer_false():
     assert explanation.refusals["flash"] == "flash_attention=False"
   finally:
     jaxmha.config._FLASH_ATTENTION_GLOBAL = None  # pylint: disable=protected-access
+
+
+def test_flash_is_skipped_where_jit_would_gather_its_operands():
+  """Under a mesh that jit partitions over, the default skips the kernel
+  (one custom call, run on gathered operands); inside shard_map (Manual
+  axes), on a 1-device mesh, or when forced, the kernel serves."""
+  cfg = jaxmha.MHAConfig(num_heads=2, key_dim=64)
+  x = jax.ShapeDtypeStruct((2, 256, 128), jnp.float32)
+  mesh = lambda n, kind: jax.sharding.use_abstract_mesh(
+      AbstractMesh((n,), ("data",), axis_types=(kind,)))
+  with mock.patch.object(jax, "default_backend", lambda: "gpu"):
+    assert jaxmha.explain(cfg, x, x).path == "flash"
+    for kind in (AxisType.Auto, AxisType.Explicit):
+      with mesh(2, kind):
+        explanation = jaxmha.explain(cfg, x, x)
+        assert explanation.path == "xla_blockwise", explanation
+        assert "('data',)" in explanation.refusals["flash"]
+        assert jaxmha.explain(cfg.replace(flash_attention=True), x,
+                              x).path == "flash"
+    with mesh(2, AxisType.Manual):
+      assert jaxmha.explain(cfg, x, x).path == "flash"
+    with mesh(1, AxisType.Auto):
+      assert jaxmha.explain(cfg, x, x).path == "flash"
 
 
 def test_explain_names_the_blockwise_path_for_long_sequences():
