@@ -180,13 +180,13 @@ def from_keras(keras_layer) -> tuple[MHAConfig, dict]:
 
 
 def _keras_kwargs(cfg: MHAConfig) -> dict:
-  init = _keras_initializer
   kwargs = dict(
       num_heads=cfg.num_heads, key_dim=cfg.key_dim, value_dim=cfg.value_dim,
       dropout=cfg.dropout, use_bias=cfg.use_bias,
       output_shape=cfg.output_shape, attention_axes=cfg.attention_axes,
-      use_gate=cfg.use_gate, kernel_initializer=init(cfg.kernel_initializer),
-      bias_initializer=init(cfg.bias_initializer))
+      use_gate=cfg.use_gate,
+      kernel_initializer=_keras_initializer(cfg.kernel_initializer),
+      bias_initializer=_keras_initializer(cfg.bias_initializer))
   if cfg.sliding_window is not None:
     kwargs["sliding_window"] = cfg.sliding_window
   return kwargs
@@ -204,13 +204,12 @@ def _keras_gqa_kwargs(cfg: MHAConfig, query_dim: int) -> dict:
   if unsupported:
     raise ValueError("keras.layers.GroupQueryAttention cannot hold this "
                      f"config: {', '.join(unsupported)}.")
-  init = _keras_initializer
   return dict(head_dim=cfg.key_dim, num_query_heads=cfg.num_heads,
               num_key_value_heads=cfg.kv_heads, dropout=cfg.dropout,
               use_bias=cfg.use_bias, sliding_window=cfg.sliding_window,
               use_gate=cfg.use_gate,
-              kernel_initializer=init(cfg.kernel_initializer),
-              bias_initializer=init(cfg.bias_initializer))
+              kernel_initializer=_keras_initializer(cfg.kernel_initializer),
+              bias_initializer=_keras_initializer(cfg.bias_initializer))
 
 
 def _build_shapes(params: dict, cfg: MHAConfig, query_shape, value_shape,

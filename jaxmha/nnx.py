@@ -27,6 +27,7 @@ from flax import nnx
 from jaxmha import functional
 from jaxmha import regularizers
 from jaxmha.config import MHAConfig
+from pallas_kernels import dropout as dropout_lib
 
 
 class DropoutCounter(nnx.Variable):
@@ -231,13 +232,8 @@ class MultiHeadAttention(nnx.Module):
         return rngs.dropout()
       if isinstance(rngs, nnx.RngStream):
         return rngs()
-      dtype = getattr(rngs, "dtype", None)
-      if dtype is None or not (jnp.issubdtype(dtype, jax.dtypes.prng_key)
-                               or dtype == jnp.uint32):
-        raise TypeError(
-            "`rngs` must be an nnx.Rngs, an nnx.RngStream or a PRNG key; got "
-            f"{type(rngs).__name__}.")
-      return rngs
+      return dropout_lib.as_key(
+          rngs, "rngs", "an nnx.Rngs, an nnx.RngStream or a PRNG key")
     if self.rngs is not None:
       return self.rngs()
     if self.seed is not None:

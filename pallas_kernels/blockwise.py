@@ -1411,9 +1411,8 @@ def attention(q, k, v, prep: common.Prepared, *,
       bwd_plan=plan(prep.spec, pr.T, pr.S, block_sizes.backward),
       spec=prep.spec, B=pr.B, K=pr.K, G=pr.groups, scale=prep.scale,
       dropout_rate=prep.dropout_rate)
-  # Matmuls run in the inputs' common dtype with fp32 accumulation.
-  out_dtype, dtype = q.dtype, jnp.result_type(q.dtype, k.dtype, v.dtype)
-  q, k, v = (x.astype(dtype) for x in (q, k, v))
+  out_dtype = q.dtype
+  q, k, v = common.in_common_dtype(q, k, v)
   step = _examples_per_step(st)
   if step == st.B:
     seeds = None if prep.seeds is None else _Seeds(prep.seeds, jnp.int32(0))

@@ -107,6 +107,13 @@ def is_real_scalar(x) -> bool:
           and np.issubdtype(dtype, np.number))
 
 
+def in_common_dtype(q, k, v):
+  """``(q, k, v)`` cast to their common dtype, in which the matmuls run
+  (with float32 accumulation), not rounded to each operand's own."""
+  dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+  return tuple(x.astype(dtype) for x in (q, k, v))
+
+
 def _real(name: str, x, what: str) -> float:
   """``x`` as a float, or a TypeError naming ``name``."""
   if not is_real_scalar(x):

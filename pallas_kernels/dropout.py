@@ -47,37 +47,43 @@ def _fmix(h):
   return h
 
 
+def as_key(rng, name: str = "dropout_rng",
+           what: str = "a PRNG key") -> jax.Array:
+  """``rng`` as one typed PRNG key: a new-style key (``jax.random.key``) as
+  it is, a raw uint32 key (``jax.random.PRNGKey``) wrapped.
+
+  Raises:
+    TypeError: not a PRNG key (an int, floats, ints other than uint32);
+      the message says the argument ``name`` must be ``what``.
+    ValueError: several keys (split them outside, or ``vmap`` over them).
+  """
+  dtype = getattr(rng, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if rng.shape:
+      raise ValueError(
+          f"`{name}` must be a single PRNG key; got a key array of shape "
+          f"{rng.shape} (vmap over it, or pick one key).")
+    return rng
+  if dtype != jnp.uint32:
+    raise TypeError(
+        f"`{name}` must be {what}, e.g. jax.random.key(0) (or a raw "
+        "uint32 key from jax.random.PRNGKey); got "
+        f"{type(rng).__name__}"
+        + ("" if dtype is None else f" of dtype {dtype}") + ".")
+  raw_shape = jax.random.key_data(jax.random.key(0)).shape
+  if rng.shape != raw_shape:
+    raise ValueError(
+        f"`{name}` must be a single raw key of shape {raw_shape}; got "
+        f"shape {rng.shape} (vmap over several keys, or pick one).")
+  return jax.random.wrap_key_data(rng)
+
+
 def seed_words(dropout_rng: jax.Array) -> jax.Array:
   """The two int32 words of a PRNG key that seed the hash: ``(2,)`` int32.
 
-  Accepts one new-style typed key (``jax.random.key``) or one raw uint32
-  key (``jax.random.PRNGKey``).
-
-  Raises:
-    TypeError: not a PRNG key (an int, floats, ints other than uint32).
-    ValueError: several keys (split them outside, or ``vmap`` over them).
+  Accepts what :func:`as_key` does, and raises as it does.
   """
-  dtype = getattr(dropout_rng, "dtype", None)
-  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
-    if dropout_rng.shape:
-      raise ValueError(
-          "`dropout_rng` must be a single PRNG key; got a key array of shape "
-          f"{dropout_rng.shape} (vmap over it, or pick one key).")
-    key = dropout_rng
-  else:
-    if dtype != jnp.uint32:
-      raise TypeError(
-          "`dropout_rng` must be a PRNG key, e.g. jax.random.key(0) (or a "
-          "raw uint32 key from jax.random.PRNGKey); got "
-          f"{type(dropout_rng).__name__}"
-          + ("" if dtype is None else f" of dtype {dtype}") + ".")
-    raw_shape = jax.random.key_data(jax.random.key(0)).shape
-    if dropout_rng.shape != raw_shape:
-      raise ValueError(
-          f"`dropout_rng` must be a single raw key of shape {raw_shape}; got "
-          f"shape {dropout_rng.shape} (vmap over several keys, or pick one).")
-    key = jax.random.wrap_key_data(dropout_rng)
-  dropout_rng = key
+  dropout_rng = as_key(dropout_rng)
   data = jax.random.key_data(dropout_rng)
   if data.shape != (2,):
     # Keys of other PRNG implementations: draw two words from them.

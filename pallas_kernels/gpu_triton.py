@@ -921,10 +921,8 @@ def attention(q, k, v, prep: common.Prepared, *, block_sizes=None,
   >>> out.shape, lse.shape
   ((1, 20, 2, 40), (1, 2, 20))
   """
-  # Mixed input dtypes run in their common dtype (as the other paths), not
-  # rounded to each operand's own.
-  out_dtype, dtype = q.dtype, jnp.result_type(q.dtype, k.dtype, v.dtype)
-  q, k, v = (x.astype(dtype) for x in (q, k, v))
-  cfg = _make_config(prep, dtype, block_sizes, interpret)
+  out_dtype = q.dtype
+  q, k, v = common.in_common_dtype(q, k, v)
+  cfg = _make_config(prep, q.dtype, block_sizes, interpret)
   out, lse = _flash(cfg, q, k, v, prep.data, prep.seeds)
   return out.astype(out_dtype), lse
