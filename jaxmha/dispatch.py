@@ -102,18 +102,6 @@ def _kernel_target(platform: str) -> Optional[str]:
   return None
 
 
-def _partitioned_mesh_axes() -> tuple[str, ...]:
-  """The axes of the context mesh (``jax.set_mesh``) that ``jit``
-  partitions a call over: size above 1 and not Manual (inside
-  ``shard_map`` the call sees its own shard)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return ()
-  manual = jax.sharding.AxisType.Manual
-  return tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
-               if kind != manual and mesh.shape[name] > 1)
-
-
 class FlashPath:
   name = "flash"
 
@@ -135,13 +123,6 @@ class FlashPath:
       raise common.UnsupportedCallError(
           f"no flash kernel for platform {req.platform!r} (set "
           "flash_attention=True to run one in interpret mode)")
-    axes = _partitioned_mesh_axes()
-    if axes and not forced:
-      raise common.UnsupportedCallError(
-          f"jit partitions this call over the mesh axes {axes}, and a flash "
-          "kernel, one custom call, cannot be partitioned: it would run on "
-          "gathered operands. Call the layer inside jax.shard_map to run the "
-          "kernel per shard (or flash_attention=True to run it anyway)")
     target, interpret = self._target(req)
     module = kernel_api.target_module(target)
     # Trace only: kernels raise NotImplementedError for calls they cannot

@@ -91,6 +91,17 @@ def seed_words(dropout_rng: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(data.astype(jnp.uint32), jnp.int32)
 
 
+def with_offsets(seeds, batch_offset=0, head_offset=0) -> jax.Array:
+  """The kernels' dropout operand: ``(4,)`` int32, the two seed words of
+  :func:`seed_words` and the global index of the first batch row and head
+  the kernel sees (non-zero when ``jit`` splits a call over devices; see
+  :mod:`pallas_kernels.partitioning`). Kernels hash ``b + words[2]`` and
+  ``n + words[3]``, so every shard draws the bits of the whole problem."""
+  offsets = jnp.stack([jnp.asarray(batch_offset, jnp.int32),
+                       jnp.asarray(head_offset, jnp.int32)])
+  return jnp.concatenate([jnp.asarray(seeds, jnp.int32), offsets])
+
+
 def row_hash(seeds, b, n, i):
   """Per-row state of the hash for batch ``b``, head ``n``, query ``i``.
 

@@ -46,6 +46,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import common
 from pallas_kernels import dropout as dropout_lib
 from pallas_kernels import masks as masks_lib
+from pallas_kernels import partitioning
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -353,6 +354,17 @@ def _may_attend(t: _Tile, q_seg_lo, q_seg_hi):
   return pred
 
 
+def _seed_words(r):
+  """``(seed0, seed1, batch_offset, head_offset)`` read from the kernel's
+  ``seeds`` operand (:func:`dropout_lib.with_offsets`), or None."""
+  return tuple(r["seeds"][i] for i in range(4)) if "seeds" in r else None
+
+
+def _row_hash(seeds, b, n, q_pos):
+  """The dropout hash of rows ``q_pos`` of local batch ``b``, head ``n``."""
+  return dropout_lib.row_hash(seeds, b + seeds[2], n + seeds[3], q_pos)
+
+
 def _keep(seeds, rate, h_row, k_pos):
   """Dropout keep mask from the per-row hash ``h_row (bq, 1)``: (bq, bk)."""
   bits = dropout_lib.bits_from_row(h_row, k_pos, seeds[1])
@@ -422,8 +434,8 @@ def _fwd_kernel(*refs, cfg: _Config, names):
   q_seg = r["q_seg"][...] if "q_seg" in r else None
   q_seg_lo = jnp.min(q_seg) if q_seg is not None else None
   q_seg_hi = jnp.max(q_seg) if q_seg is not None else None
-  seeds = (r["seeds"][0], r["seeds"][1]) if "seeds" in r else None
-  h_row = (dropout_lib.row_hash(seeds, b, n, q_pos) if seeds is not None
+  seeds = _seed_words(r)
+  h_row = (_row_hash(seeds, b, n, q_pos) if seeds is not None
            else None)  # (bq, 1)
   c = cfg.scale * LOG2E  # logits in base 2: exp(x) = exp2(x * log2(e))
 
@@ -575,7 +587,7 @@ def _mask_spec_fwd(cfg: _Config, ops, bq, qmap):
   """BlockSpecs of the optional mask inputs for (query block, b, n) grids."""
   specs = {}
   if "seeds" in ops:
-    specs["seeds"] = pl.BlockSpec((2,), lambda i, b, n: (0,))
+    specs["seeds"] = pl.BlockSpec((4,), lambda i, b, n: (0,))
   for name in ("q_len", "kv_len"):
     if name in ops:
       specs[name] = pl.BlockSpec((None,), lambda i, b, n: (b,))
@@ -643,7 +655,7 @@ def _dkv_kernel(*refs, cfg: _Config, names):
   kv_seg = r["kv_seg"][...] if "kv_seg" in r else None  # (bk,)
   kv_seg_lo = jnp.min(kv_seg) if kv_seg is not None else None
   kv_seg_hi = jnp.max(kv_seg) if kv_seg is not None else None
-  seeds = (r["seeds"][0], r["seeds"][1]) if "seeds" in r else None
+  seeds = _seed_words(r)
   c = cfg.scale * LOG2E
   split = "q_seg" not in r and "mask" not in r
   lo, a, b_, hi = inner_block_range(
@@ -674,7 +686,7 @@ def _dkv_kernel(*refs, cfg: _Config, names):
       dp = _dot(do, v, tb=True, precision=cfg.precision)  # (bq, bk) dO V^T
       pz = p
       if seeds is not None:
-        keep = _keep(seeds, cfg.rate, dropout_lib.row_hash(seeds, b, n, q_pos),
+        keep = _keep(seeds, cfg.rate, _row_hash(seeds, b, n, q_pos),
                      k_pos)
         inv = 1.0 / (1.0 - cfg.rate)
         pz = jnp.where(keep, p * inv, 0.0)  # P o Z
@@ -731,8 +743,8 @@ def _dq_kernel(*refs, cfg: _Config, names):
   if kv_valid is None and cfg.Sp != cfg.S:
     kv_valid = cfg.S
   q_seg = r["q_seg"][...] if "q_seg" in r else None
-  seeds = (r["seeds"][0], r["seeds"][1]) if "seeds" in r else None
-  h_row = (dropout_lib.row_hash(seeds, b, n, q_pos) if seeds is not None
+  seeds = _seed_words(r)
+  h_row = (_row_hash(seeds, b, n, q_pos) if seeds is not None
            else None)
   c = cfg.scale * LOG2E
   split = "q_seg" not in r and "mask" not in r
@@ -816,7 +828,7 @@ def _backward(cfg: _Config, res, cotangents):
   }
   specs = {}
   if "seeds" in ops:
-    specs["seeds"] = pl.BlockSpec((2,), lambda j, b, h: (0,))
+    specs["seeds"] = pl.BlockSpec((4,), lambda j, b, h: (0,))
   for name in ("q_len", "kv_len"):
     if name in ops:
       specs[name] = pl.BlockSpec((None,), lambda j, b, h: (b,))
@@ -872,18 +884,60 @@ def _backward(cfg: _Config, res, cotangents):
 # -- custom_vjp wiring ---------------------------------------------------------
 
 
+def _local(cfg: _Config, shard: partitioning.Shard, seeds):
+  """The config of one batch/head shard, and its dropout operand."""
+  cfg = dataclasses.replace(cfg, B=shard.B, N=shard.N, K=shard.K)
+  if seeds is not None:
+    seeds = dropout_lib.with_offsets(seeds, shard.batch_offset,
+                                     shard.head_offset)
+  return cfg, seeds
+
+
+def _roles(cfg: _Config, data, seeds):
+  """Roles (:mod:`partitioning`) of ``q, k, v, data, seeds``."""
+  return ("b.n.", "b.k.", "b.k.",
+          partitioning.mask_data_roles(data, cfg.B, cfg.N),
+          None if seeds is None else ".")
+
+
+def _sharded_forward(cfg: _Config, q, k, v, data, seeds):
+  """:func:`_forward`, split over batch and heads under ``jit``."""
+  def kernel(shard, q, k, v, data, seeds):
+    local_cfg, seeds = _local(cfg, shard, seeds)
+    return _forward(local_cfg, q, k, v, data, seeds)
+
+  return partitioning.call(
+      kernel, (q, k, v, data, seeds), _roles(cfg, data, seeds),
+      ("b.n.", "bn."), B=cfg.B, N=cfg.N, K=cfg.K, offsets=seeds is not None)
+
+
+def _sharded_backward(cfg: _Config, res, cotangents):
+  """:func:`_backward`, split over batch and heads under ``jit``."""
+  q, k, v, data, seeds, out, lse = res
+
+  def kernel(shard, q, k, v, data, seeds, out, lse, d_out, d_lse):
+    local_cfg, seeds = _local(cfg, shard, seeds)
+    return _backward(local_cfg, (q, k, v, data, seeds, out, lse),
+                     (d_out, d_lse))
+
+  roles = _roles(cfg, data, seeds) + ("b.n.", "bn.", "b.n.", "bn.")
+  return partitioning.call(
+      kernel, (*res, *cotangents), roles, ("b.n.", "b.k.", "b.k."),
+      B=cfg.B, N=cfg.N, K=cfg.K, offsets=seeds is not None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg: _Config, q, k, v, data, seeds):
-  return _forward(cfg, q, k, v, data, seeds)
+  return _sharded_forward(cfg, q, k, v, data, seeds)
 
 
 def _flash_fwd(cfg, q, k, v, data, seeds):
-  out, lse = _forward(cfg, q, k, v, data, seeds)
+  out, lse = _sharded_forward(cfg, q, k, v, data, seeds)
   return (out, lse), (q, k, v, data, seeds, out, lse)
 
 
 def _flash_bwd(cfg, res, cotangents):
-  dq, dk, dv = _backward(cfg, res, cotangents)
+  dq, dk, dv = _sharded_backward(cfg, res, cotangents)
   data, seeds = res[3], res[4]
   zeros = lambda tree: jax.tree.map(
       lambda x: np.zeros(x.shape, jax.dtypes.float0), tree)

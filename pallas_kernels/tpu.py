@@ -62,6 +62,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import common
 from pallas_kernels import dropout as dropout_lib
 from pallas_kernels import masks as masks_lib
+from pallas_kernels import partitioning
 
 _F32 = jnp.float32
 _LANES = 128
@@ -290,7 +291,7 @@ def _tables(st: _Static, t: _Tiling, data: dict, transpose: bool) -> dict:
   kv_len = (jnp.full((B,), p.S, jnp.int32) if "kv_lengths" not in data
             else jnp.clip(data["kv_lengths"], 0, p.S))
   tb = {"q_len": q_len, "kv_len": kv_len,
-        "seeds": data.get("seeds", jnp.zeros((2,), jnp.int32))}
+        "seeds": data.get("seeds", jnp.zeros((4,), jnp.int32))}
   i = jnp.arange(nq, dtype=jnp.int32)[None, None, :, None]
   j = jnp.arange(nk, dtype=jnp.int32)[None, None, None, :]
   ok = _block_pred(st.spec, t, i, j, q_len[:, None, None, None],
@@ -450,6 +451,9 @@ def _allowed(r, st: _Static, t: _Tiling, b, i, j):
 def _dropout_keep(r, st: _Static, t: _Tiling, b, n, i, j):
   """The block's ``(bq, bk)`` keep mask, with the reference's bits."""
   s0, s1 = r["seeds"][0], r["seeds"][1]
+  # Global batch and head (dropout_lib.with_offsets: this call may be one
+  # shard of a split problem).
+  b, n = b + r["seeds"][2], n + r["seeds"][3]
   # The row part of the hash once per query row (lanes replicated), then
   # one hash per element with the absolute key index.
   rows = i * t.bq + lax.broadcasted_iota(jnp.int32, (t.bq, _LANES), 0)
@@ -837,20 +841,69 @@ def _backward(st: _Static, q, k, v, data, out, lse, d_out, d_lse):
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def _local(st: _Static, shard: partitioning.Shard, data: dict):
+  """The static config and per-call arrays of one batch/head shard."""
+  mask = data.get("mask")
+  st = dataclasses.replace(
+      st, problem=dataclasses.replace(st.problem, B=shard.B, N=shard.N,
+                                      K=shard.K),
+      mask_shape=None if mask is None else tuple(mask.shape[:2]))
+  if "seeds" in data:
+    data = dict(data, seeds=dropout_lib.with_offsets(
+        data["seeds"], shard.batch_offset, shard.head_offset))
+  return st, data
+
+
+def _data_roles(st: _Static, data: dict) -> dict:
+  """Roles (:mod:`partitioning`) of the arrays of :func:`_data_dict`."""
+  roles = {"q_ids": "b.", "kv_ids": "b.", "q_lengths": "b",
+           "kv_lengths": "b", "seeds": "."}
+  if "mask" in data:
+    roles["mask"] = partitioning.dense_mask_roles(
+        data["mask"], st.problem.B, st.problem.N)
+  return {name: roles[name] for name in data}
+
+
+def _sharded(st: _Static, fn, arrays, roles, out_roles):
+  """``fn(st, *arrays)`` (``arrays[3]`` the data dict), split over batch
+  and heads under ``jit``."""
+  def kernel(shard, *arrays):
+    local_st, data = _local(st, shard, arrays[3])
+    return fn(local_st, *arrays[:3], data, *arrays[4:])
+
+  p = st.problem
+  return partitioning.call(kernel, arrays, roles, out_roles, B=p.B, N=p.N,
+                           K=p.K, offsets="seeds" in arrays[3],
+                           partitionable=not st.interpret)
+
+
+def _sharded_forward(st: _Static, q, k, v, data):
+  return _sharded(st, _forward, (q, k, v, data),
+                  ("b.n.", "b.k.", "b.k.", _data_roles(st, data)),
+                  ("b.n.", "bn."))
+
+
+def _sharded_backward(st: _Static, q, k, v, data, out, lse, d_out, d_lse):
+  return _sharded(st, _backward, (q, k, v, data, out, lse, d_out, d_lse),
+                  ("b.n.", "b.k.", "b.k.", _data_roles(st, data), "b.n.",
+                   "bn.", "b.n.", "bn."),
+                  ("b.n.", "b.k.", "b.k."))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st: _Static, q, k, v, data):
-  return _forward(st, q, k, v, data)
+  return _sharded_forward(st, q, k, v, data)
 
 
 def _flash_fwd(st, q, k, v, data):
-  out, lse = _forward(st, q, k, v, data)
+  out, lse = _sharded_forward(st, q, k, v, data)
   return (out, lse), (q, k, v, data, out, lse)
 
 
 def _flash_bwd(st, residuals, cotangents):
   q, k, v, data, out, lse = residuals
   d_out, d_lse = cotangents
-  dq, dk, dv = _backward(st, q, k, v, data, out, lse, d_out, d_lse)
+  dq, dk, dv = _sharded_backward(st, q, k, v, data, out, lse, d_out, d_lse)
   return dq, dk, dv, jax.tree.map(lambda _: None, data)
 
 

@@ -314,6 +314,10 @@ MULTIDEVICE = {
         "pmap_data_parallel_grads_equal_full_batch")),
     "hlo": ("hlo_checks", ("shapes_and_collectives",
                            "ring_needs_less_memory_than_gathered")),
+    "kernel_partitioning": ("partitioning_checks", (
+        "kernel_splits_over_batch_and_heads",
+        "kernel_under_vmap_and_set_mesh",
+        "layer_with_flash_under_explicit_mesh_gathers_nothing")),
 }
 SLOW_MULTIDEVICE = {
     "ring_more": ("ring_checks", (

@@ -152,8 +152,7 @@ def heads_sharded_params_under_explicit_mesh_axes():
             sharded, put(x), put(y)).compile()
         got, got_g = step(sharded, put(x), put(y))
         if path == "xla" and kv is None:
-          # Nothing gathered (the README's claim; a Pallas kernel, one
-          # custom call, is run on gathered operands). The blockwise path,
+          # Nothing gathered (the README's claim). The blockwise path,
           # forced on these 8 positions, gathers a few small pieces, and
           # K=2 key/value heads on a 4-way axis are gathered by design.
           assert " all-gather(" not in step.as_text(), what

@@ -1,0 +1,233 @@
+"""Batch and head parallelism for the Pallas kernels under ``jit``.
+
+Shape letters: B batch, T query length, S key/value length, N query heads,
+K key/value heads, H head dim.
+
+A Pallas kernel lowers to one custom call, which XLA's SPMD partitioner
+cannot split: under ``jit`` over batch- or head-sharded operands it would
+gather them and run the whole problem on every device. :func:`call` wraps a
+kernel in ``jax.experimental.custom_partitioning`` instead, so that each
+device runs it on its own batch rows and heads, with no collective:
+
+* batch is split over the mesh axes that shard the leading operand's batch
+  dim (``q``'s), heads over those that shard its head dim when both ``N``
+  and ``K`` divide by their size (GQA groups stay whole on one device);
+* sequence and head-dim axes are never split: an operand sharded there is
+  gathered first (the kernels need whole rows of keys);
+* the kernel gets a :class:`Shard`: its local ``B, N, K`` and the global
+  index of its first batch row and head, so dropout draws the bits of the
+  absolute ``(b, n, i, j)``, as on one device.
+
+Roles: each operand and result names its dims with one character each:
+``"b"`` batch, ``"n"`` query heads, ``"k"`` key/value heads, ``"."`` a dim
+that is never split (lengths, head dims, a broadcast dim of size 1).
+
+The wrapper steps aside (calls the kernel on the whole problem) on one
+device, inside ``shard_map`` (the kernel already sees one shard), under
+``vmap`` (custom partitioning has no batching rule; Pallas batches the
+kernel itself) and for the TPU interpreter (its callbacks cannot be
+partitioned), so the kernels behave as before there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+_SPLIT_ROLES = ("b", "n", "k")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+  """The part of the problem one kernel call sees.
+
+  Attributes:
+    B, N, K: local batch, query heads and key/value heads.
+    batch_offset: int32 scalar, the global index of local batch row 0.
+    head_offset: int32 scalar, the global index of local query head 0.
+  """
+  B: int
+  N: int
+  K: int
+  batch_offset: Any = 0
+  head_offset: Any = 0
+
+
+def dense_mask_roles(mask, B: int, N: int) -> str:
+  """Roles of a ``(#B, #N, T, S)`` mask: its batch and head dims split
+  when full, stay whole when broadcast (size 1)."""
+  nb, nn = mask.shape[:2]
+  return ("b" if nb == B else ".") + ("n" if nn == N else ".") + ".."
+
+
+def mask_data_roles(data, B: int, N: int):
+  """Roles of a :class:`~pallas_kernels.masks.MaskData`'s arrays: a
+  ``MaskData`` of role strings, None where ``data`` has no array."""
+  roles = {"q_segment_ids": "b.", "kv_segment_ids": "b.", "q_lengths": "b",
+           "kv_lengths": "b"}
+  if data.mask is not None:
+    roles["mask"] = dense_mask_roles(data.mask, B, N)
+  return dataclasses.replace(data, **{
+      name: None if getattr(data, name) is None else role
+      for name, role in roles.items()})
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry as a tuple of mesh axis names."""
+  if entry is None:
+    return ()
+  if isinstance(entry, str):
+    return (entry,)
+  return tuple(entry)
+
+
+def _plan(mesh, lead_sharding, lead_roles: str, B: int, N: int, K: int):
+  """``(batch_axes, head_axes)``: the mesh axes to split batch and heads
+  over, read from the leading operand's sharding."""
+  spec = getattr(lead_sharding, "spec", None)
+  if mesh is None or mesh.empty or spec is None:
+    return (), ()
+  spec = tuple(spec) + (None,) * (len(lead_roles) - len(tuple(spec)))
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  batch = _axes(spec[lead_roles.index("b")])
+  heads = _axes(spec[lead_roles.index("n")])
+  if B % size(batch):
+    batch = ()
+  if N % size(heads) or K % size(heads):
+    heads = ()
+  return batch, heads
+
+
+def _sharding(mesh, roles: str, batch, heads, like):
+  """The sharding of an operand with ``roles`` under the plan."""
+  if not isinstance(mesh, Mesh) or mesh.empty:
+    # No named mesh (GSPMD shardings): run replicated on the same devices.
+    devices = sorted(like.device_set, key=lambda d: d.id)
+    return NamedSharding(Mesh(np.array(devices), ("replica",)),
+                         PartitionSpec())
+  by_role = {"b": batch or None, "n": heads or None, "k": heads or None}
+  return NamedSharding(
+      mesh, PartitionSpec(*(by_role.get(r) for r in roles)))
+
+
+def _sharding_rule(roles: Sequence[str], out_roles: Sequence[str]) -> str:
+  """The Shardy rule: batch, query-head and kv-head factors shared across
+  operands and results, every other dim its own factor.
+
+  Query heads are not tied to kv heads as ``(k g)``: Shardy would then
+  split the ``K`` kv heads over sub-axes when ``K`` does not divide by the
+  heads' axis, which JAX cannot hand to :func:`call`'s plan.
+  """
+  fresh = (f"x{i}" for i in itertools.count())
+
+  def mapping(r: str) -> str:
+    return " ".join(c if c in _SPLIT_ROLES else next(fresh) for c in r)
+
+  return (", ".join(mapping(r) for r in roles) + " -> "
+          + ", ".join(mapping(r) for r in out_roles))
+
+
+def _steps_aside() -> bool:
+  """One device, or inside ``shard_map``: nothing to partition."""
+  if jax.device_count() == 1:
+    return True
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and any(
+      t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+
+
+def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
+         B: int, N: int, K: int, offsets: bool = False,
+         partitionable: bool = True):
+  """``kernel(shard, *args)``, run per batch/head shard under ``jit``.
+
+  Args:
+    kernel: ``(Shard, *args) -> tuple of arrays`` laid out as ``out_roles``
+      says, for the problem ``shard`` describes.
+    args: the kernel's array arguments (pytrees; None leaves allowed).
+      ``args[0]`` leads: its batch and head sharding decide the split.
+    roles: a pytree like ``args`` with a role string for each array.
+    out_roles: a role string for each result.
+    B, N, K: the global batch, query heads and key/value heads.
+    offsets: the kernel reads ``shard.batch_offset`` / ``head_offset``
+      (dropout); they are zero unless the call is split.
+    partitionable: False runs the kernel on the whole problem always (the
+      TPU interpreter's callbacks cannot be partitioned).
+
+  Returns:
+    The kernel's results for the whole problem.
+  """
+  leaves, tree = jax.tree.flatten(args)
+  role_leaves = tree.flatten_up_to(roles)
+  for x, r in zip(leaves, role_leaves):
+    if x.ndim != len(r) or any(c not in _SPLIT_ROLES + (".",) for c in r):
+      raise ValueError(f"roles {r!r} do not describe an operand of shape "
+                       f"{x.shape}.")
+  if not partitionable or _steps_aside():
+    return kernel(Shard(B, N, K), *args)
+
+  lead_roles = role_leaves[0]
+  if offsets:  # global indices, split like batch and heads: row 0 = offset
+    leaves = leaves + [jnp.arange(B, dtype=jnp.int32),
+                       jnp.arange(N, dtype=jnp.int32)]
+    role_leaves = role_leaves + ["b", "n"]
+
+  def local(shard_sizes, *flat):
+    if offsets:
+      *flat, b_ids, n_ids = flat
+      shard = Shard(*shard_sizes, batch_offset=b_ids[0],
+                    head_offset=n_ids[0])
+    else:
+      shard = Shard(*shard_sizes)
+    return tuple(kernel(shard, *tree.unflatten(flat)))
+
+  @custom_partitioning
+  def partitioned(*flat):
+    return local((B, N, K), *flat)
+
+  def plan(mesh, arg_shapes):
+    return _plan(mesh, arg_shapes[0].sharding, lead_roles, B, N, K)
+
+  def result_shardings(mesh, arg_shapes, batch, heads):
+    return tuple(_sharding(mesh, r, batch, heads, arg_shapes[0].sharding)
+                 for r in out_roles)
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    batch, heads = plan(mesh, arg_shapes)
+    size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+    sizes = (B // size(batch), N // size(heads), K // size(heads))
+    arg_shardings = tuple(
+        _sharding(mesh, r, batch, heads, s.sharding)
+        for r, s in zip(role_leaves, arg_shapes))
+    return (mesh, lambda *flat: local(sizes, *flat),
+            result_shardings(mesh, arg_shapes, batch, heads), arg_shardings)
+
+  def infer(mesh, arg_shapes, result_shape):
+    del result_shape
+    return result_shardings(mesh, arg_shapes, *plan(mesh, arg_shapes))
+
+  partitioned.def_partition(
+      partition, infer_sharding_from_operands=infer,
+      sharding_rule=_sharding_rule(role_leaves, out_roles))
+
+  # Custom partitioning has no batching rule: under vmap, run the kernel
+  # on the whole problem and let Pallas batch it.
+  batchable = jax.custom_batching.custom_vmap(partitioned)
+
+  @batchable.def_vmap
+  def _vmap_rule(axis_size, in_batched, *flat):
+    del axis_size
+    axes = [0 if b else None for b in in_batched]
+    outs = jax.vmap(lambda *f: local((B, N, K), *f), in_axes=axes)(*flat)
+    return outs, tuple(True for _ in outs)
+
+  return batchable(*leaves)

@@ -1,0 +1,159 @@
+"""The flash kernels split over batch and heads under ``jit`` sharding.
+
+Shape letters: B batch, T query length, S key/value length, N query heads,
+K key/value heads, H head dim, D model features.
+
+The GPU kernel runs in interpret mode (the TPU interpreter's callbacks
+cannot be partitioned; its shard logic is tested on one device in
+``tests/test_partitioning.py``). Every result is compared with the same
+call on one device, and the compiled program is searched for all-gathers:
+before ``pallas_kernels.partitioning``, the kernel ran on operands gathered
+to every device.
+
+Run: ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m
+tests.multidevice.partitioning_checks [check ...]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxmha
+import pallas_kernels
+from jaxmha import dispatch
+from tests.multidevice.harness import check, main
+from tests.multidevice.hlo_checks import collectives
+from tests.tolerances import FORWARD, GRAD, assert_close
+
+AUTO = jax.sharding.AxisType.Auto
+EXPLICIT = jax.sharding.AxisType.Explicit
+
+
+def _kernel_inputs(B=4, T=24, S=20, N=8, K=4, H=16):
+  r = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(r[0], (B, T, N, H))
+  k = jax.random.normal(r[1], (B, S, K, H))
+  v = jax.random.normal(r[2], (B, S, K, H))
+  lengths = jnp.array([20, 11, 0, 16] * B)[:B]  # row 2: no key, empty
+  masks = dict(causal=True, kv_lengths=lengths,
+               mask=jax.random.bernoulli(r[3], 0.8, (B, N, T, S)),
+               dropout_rate=0.25, dropout_rng=r[4])
+  return (q, k, v), masks
+
+
+def _step(masks):
+  def loss(q, k, v):
+    out, lse = pallas_kernels.flash_attention(
+        q, k, v, backend="gpu", interpret=True, return_lse=True, **masks)
+    finite = lse > -1e20  # empty rows' sentinel stays out of the loss
+    return (jnp.sum(out * jnp.cos(out))
+            + jnp.sum(jnp.where(finite, jnp.sin(lse), 0.0))), (out, lse)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _assert_same(got, want, what):
+  (_, got_aux), got_grads = got
+  (_, want_aux), want_grads = want
+  for g, w in zip(got_aux, want_aux):
+    assert_close(g, w, FORWARD, err_msg=what)
+  for g, w in zip(got_grads, want_grads):
+    assert_close(g, w, GRAD, err_msg=what)
+
+
+@check
+def kernel_splits_over_batch_and_heads():
+  """Batch on a 2-way axis, heads on a 4-way one (GQA N=8, K=4), causal +
+  kv_lengths (an empty row) + a per-head mask + dropout: forward, lse and
+  grads equal one device's, nothing is gathered, and the results keep the
+  inputs' sharding. With K=2 kv heads on the 4-way axis the heads cannot
+  split: still the same numbers, batch still split."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO,) * 2)
+  for K in (4, 2):
+    qkv, masks = _kernel_inputs(K=K)
+    step = _step(masks)
+    want = step(*qkv)
+    heads = NamedSharding(mesh, P("data", None, "model", None))
+    batch = NamedSharding(mesh, P("data"))
+    sharded = [jax.device_put(x, heads if x.shape[2] % 4 == 0 else batch)
+               for x in qkv]
+    compiled = step.lower(*sharded).compile()
+    got = compiled(*sharded)
+    _assert_same(got, want, f"K={K}")
+    gathers = collectives(compiled)["other"].get("all-gather", 0)
+    (_, (out, lse)), grads = got
+    if K == 4:
+      assert gathers == 0, collectives(compiled)
+      assert out.sharding.spec[:3] == ("data", None, "model"), out.sharding
+      assert lse.sharding.spec[:2] == ("data", "model"), lse.sharding
+      for g in grads:
+        assert g.sharding.spec[:3] == ("data", None, "model"), g.sharding
+    else:
+      assert out.sharding.spec[0] == "data", out.sharding
+
+
+@check
+def kernel_under_vmap_and_set_mesh():
+  """Under a ``jax.set_mesh`` context the batch splits with no gather;
+  ``vmap`` over the kernel (custom partitioning has no batching rule:
+  Pallas batches it) gives one device's numbers."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AUTO,))
+  qkv, masks = _kernel_inputs(B=8)
+  step = _step(masks)
+  want = step(*qkv)
+  spec = NamedSharding(mesh, P("data"))
+  with jax.set_mesh(mesh):
+    sharded = [jax.device_put(x, spec) for x in qkv]
+    compiled = step.lower(*sharded).compile()
+    got = compiled(*sharded)
+  _assert_same(got, want, "set_mesh")
+  assert " all-gather(" not in compiled.as_text(), collectives(compiled)
+  members = [jnp.stack([x, x * 0.5]) for x in qkv]  # (2, B, ...)
+  vstep = jax.jit(jax.vmap(step))
+  want_v = vstep(*members)
+  got_v = vstep(*[jax.device_put(x, NamedSharding(mesh, P(None, "data")))
+                  for x in members])
+  _assert_same(got_v, want_v, "vmap")
+  first = jax.tree.map(lambda x: x[0], got_v)
+  _assert_same(first, want, "vmap member 0")
+
+
+@check
+def layer_with_flash_under_explicit_mesh_gathers_nothing():
+  """The layer with the kernel (forced, interpret mode) on ``jax.make_mesh``'s
+  Explicit axes: batch-sharded inputs, heads-sharded params. Loss and grads
+  equal one device's, and no activation is gathered (before the kernels
+  were split: 22 all-gathers in this step)."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(EXPLICIT,) * 2)
+  r = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(r[0], (4, 24, 16))
+  y = jax.random.normal(r[1], (4, 20, 16))
+  cfg = jaxmha.MHAConfig(num_heads=8, key_dim=8, num_key_value_heads=4,
+                         dropout=0.2)
+  params = jaxmha.init_params(r[2], cfg, x.shape, y.shape)
+
+  def loss(p, x, y):
+    out = jaxmha.apply(p, cfg, x, y, use_causal_mask=True, training=True,
+                       dropout_rng=jax.random.key(5))
+    return jnp.mean(out ** 2)
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  with dispatch.use_path("flash"):
+    assert jaxmha.explain(cfg, x, y, use_causal_mask=True).path == "flash"
+    want = step(params, x, y)
+    sharded = jaxmha.shard_params(params, mesh,
+                                  {"heads": "model", "kv_heads": "model"})
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+    with jax.set_mesh(mesh):
+      compiled = step.lower(sharded, put(x), put(y)).compile()
+      got = compiled(sharded, put(x), put(y))
+  assert_close(got[0], want[0])
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    assert_close(g, w, GRAD)
+  assert " all-gather(" not in compiled.as_text(), collectives(compiled)
+
+
+if __name__ == "__main__":
+  main(__name__)

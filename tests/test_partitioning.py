@@ -1,0 +1,181 @@
+"""Batch/head splitting of the flash kernels (``pallas_kernels.partitioning``).
+
+Shape letters: B batch, T query length, S key/value length, N query heads,
+K key/value heads, H head dim.
+
+On one device the wrapper steps aside, so these tests replace
+``partitioning.call`` with :func:`_split_call`, which does on one device
+what the partitioner does on a mesh: it cuts every operand by its roles
+into batch x head shards, runs the kernel on each with its :class:`Shard`,
+and concatenates the results. A wrong role, a local size left global or a
+dropout offset that is not added shows up as a difference from the unsplit
+call (forward, log-sum-exp and gradients). The multi-device checks
+(``tests/multidevice/partitioning_checks.py``) run the real partitioner.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType
+from jax.sharding import PartitionSpec as P
+
+import pallas_kernels
+from pallas_kernels import partitioning
+from tests.tolerances import FORWARD, GRAD, assert_close
+
+
+def _split_call(kernel, args, roles, out_roles, *, B, N, K, offsets=False,
+                partitionable=True, parts=(2, 2)):
+  """``partitioning.call`` done by hand: ``parts`` = (batch, head) shards."""
+  del partitionable
+  nb, nh = parts
+  assert B % nb == 0 and N % nh == 0 and K % nh == 0, (B, N, K, parts)
+  leaves, tree = jax.tree.flatten(args)
+  role_leaves = tree.flatten_up_to(roles)
+
+  def piece(x, r, bi, hi):
+    for axis, role in enumerate(r):
+      if role in "bnk":
+        cut = nb if role == "b" else nh
+        size = x.shape[axis] // cut
+        x = jax.lax.slice_in_dim(x, (bi if role == "b" else hi) * size,
+                                 ((bi if role == "b" else hi) + 1) * size,
+                                 axis=axis)
+    return x
+
+  grid = []
+  for bi in range(nb):
+    row = []
+    for hi in range(nh):
+      shard = partitioning.Shard(
+          B // nb, N // nh, K // nh,
+          batch_offset=jnp.int32(bi * B // nb) if offsets else 0,
+          head_offset=jnp.int32(hi * N // nh) if offsets else 0)
+      local = [piece(x, r, bi, hi) for x, r in zip(leaves, role_leaves)]
+      row.append(kernel(shard, *tree.unflatten(local)))
+    grid.append(row)
+  outs = []
+  for j, r in enumerate(out_roles):
+    head_axis = next(i for i, c in enumerate(r) if c in "nk")
+    rows = [jnp.concatenate([cell[j] for cell in row], axis=head_axis)
+            for row in grid]
+    outs.append(jnp.concatenate(rows, axis=r.index("b")))
+  return tuple(outs)
+
+
+def _inputs(B=4, T=24, S=20, N=4, K=2, H=16, seed=0):
+  r = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(r[0], (B, T, N, H))
+  k = jax.random.normal(r[1], (B, S, K, H))
+  v = jax.random.normal(r[2], (B, S, K, H))
+  return q, k, v, r[3]
+
+
+def _loss_and_grads(backend, q, k, v, **kw):
+  def loss(q, k, v):
+    out, lse = pallas_kernels.flash_attention(
+        q, k, v, backend=backend, interpret=True, return_lse=True, **kw)
+    keep = lse > -1e20  # empty rows' sentinel lse stays out of the loss
+    return (jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.where(keep, jnp.sin(
+        lse), 0.0))), (out, lse)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      q, k, v)
+
+
+def _mask_kwargs(name, B, T, S, N, key):
+  r = jax.random.split(key, 3)
+  if name == "lengths_and_segments":
+    return dict(causal=True, kv_lengths=jnp.array([20, 13, 0, 7])[:B],
+                q_lengths=jnp.array([24, 5, 17, 24])[:B], segment_ids=(
+                    jnp.sort(jax.random.randint(r[0], (B, T), 0, 3), axis=1),
+                    jnp.sort(jax.random.randint(r[1], (B, S), 0, 3), axis=1)))
+  if name == "dense_per_head":
+    return dict(mask=jax.random.bernoulli(r[2], 0.7, (B, N, T, S)))
+  if name == "dense_for_all":
+    return dict(mask=jax.random.bernoulli(r[2], 0.7, (T, S)), causal=True)
+  raise ValueError(name)
+
+
+@pytest.mark.parametrize("backend,masks", [
+    ("gpu", "lengths_and_segments"), ("gpu", "dense_per_head"),
+    ("gpu", "dense_for_all"), ("tpu", "lengths_and_segments"),
+    ("tpu", "dense_per_head")])
+def test_split_over_batch_and_heads_equals_the_whole_call(backend, masks):
+  """GQA (N=4, K=2), dropout, masks split with the batch and heads or
+  shared by all: 2 x 2 shards give the unsplit call's output, lse and
+  gradients, dropout bits included."""
+  q, k, v, key = _inputs()
+  kw = dict(_mask_kwargs(masks, 4, 24, 20, 4, key), dropout_rate=0.3,
+            dropout_rng=jax.random.key(7))
+  (_, want_aux), want_grads = _loss_and_grads(backend, q, k, v, **kw)
+  with mock.patch.object(partitioning, "call", _split_call):
+    (_, got_aux), got_grads = _loss_and_grads(backend, q, k, v, **kw)
+  for got, want in zip(got_aux, want_aux):
+    assert_close(got, want, FORWARD)
+  for got, want in zip(got_grads, want_grads):
+    assert_close(got, want, GRAD)
+
+
+def test_split_without_dropout_needs_no_offsets():
+  """Without dropout the kernels ask for no offsets (no iota operands):
+  the shards see zero offsets and still agree."""
+  q, k, v, _ = _inputs(N=2, K=2)
+  (_, want), _ = _loss_and_grads("gpu", q, k, v, causal=True)
+  calls = []
+
+  def spy(*args, **kw):
+    calls.append(kw["offsets"])
+    return _split_call(*args, **kw)
+
+  with mock.patch.object(partitioning, "call", spy):
+    (_, got), _ = _loss_and_grads("gpu", q, k, v, causal=True)
+  assert calls == [False, False], calls  # forward and backward
+  for g, w in zip(got, want):
+    assert_close(g, w, FORWARD)
+
+
+def test_the_plan_follows_the_leading_operand():
+  mesh = AbstractMesh((2, 4), ("data", "model"))
+  spec = lambda *s: types.SimpleNamespace(spec=P(*s))
+  plan = functools.partial(partitioning._plan, mesh)  # pylint: disable=protected-access
+  assert plan(spec("data", None, "model"), "b.n.", 4, 8, 4) == (
+      ("data",), ("model",))
+  # K=2 kv heads do not split 4 ways: heads stay whole, batch still splits.
+  assert plan(spec("data", None, "model"), "b.n.", 4, 8, 2) == (
+      ("data",), ())
+  # An odd batch does not split; both axes on the batch do.
+  assert plan(spec("data", None, "model"), "b.n.", 3, 8, 8) == (
+      (), ("model",))
+  assert plan(spec(("data", "model")), "b.n.", 8, 8, 8) == (
+      ("data", "model"), ())
+  assert plan(spec(), "b.n.", 8, 8, 8) == ((), ())
+
+
+def test_sharding_rule_shares_batch_and_head_factors():
+  rule = partitioning._sharding_rule(  # pylint: disable=protected-access
+      ["b.n.", "b.k.", "b.k.", "b..", "."], ["b.n.", "bn."])
+  assert rule == ("b x0 n x1, b x2 k x3, b x4 k x5, b x6 x7, x8 -> "
+                  "b x9 n x10, b n x11")
+
+
+def test_roles_must_describe_the_operands():
+  x = jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="roles 'b..' do not describe"):
+    partitioning.call(lambda s, x: (x,), (x,), ("b..",), ("b.",), B=2, N=1,
+                      K=1)
+
+
+def test_steps_aside_inside_shard_map():
+  """Inside shard_map (Manual axes) the kernel already sees one shard."""
+  manual = AbstractMesh((2,), ("data",), axis_types=(AxisType.Manual,))
+  with mock.patch.object(jax, "device_count", lambda: 8):
+    with jax.sharding.use_abstract_mesh(manual):
+      assert partitioning._steps_aside()  # pylint: disable=protected-access
+    assert not partitioning._steps_aside()  # pylint: disable=protected-access
