@@ -70,7 +70,7 @@ def _split_call(kernel, args, roles, out_roles, *, B, N, K, offsets=False,
   return tuple(outs)
 
 
-def _inputs(B=4, T=24, S=20, N=4, K=2, H=16, seed=0):
+def _inputs(B=4, T=16, S=12, N=4, K=2, H=8, seed=0):
   r = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(r[0], (B, T, N, H))
   k = jax.random.normal(r[1], (B, S, K, H))
@@ -91,28 +91,26 @@ def _loss_and_grads(backend, q, k, v, **kw):
 
 def _mask_kwargs(name, B, T, S, N, key):
   r = jax.random.split(key, 3)
-  if name == "lengths_and_segments":
-    return dict(causal=True, kv_lengths=jnp.array([20, 13, 0, 7])[:B],
-                q_lengths=jnp.array([24, 5, 17, 24])[:B], segment_ids=(
+  if name == "per_example_and_head":  # every array split with the call
+    return dict(causal=True, kv_lengths=jnp.array([12, 9, 0, 5])[:B],
+                q_lengths=jnp.array([16, 5, 11, 16])[:B], segment_ids=(
                     jnp.sort(jax.random.randint(r[0], (B, T), 0, 3), axis=1),
-                    jnp.sort(jax.random.randint(r[1], (B, S), 0, 3), axis=1)))
-  if name == "dense_per_head":
-    return dict(mask=jax.random.bernoulli(r[2], 0.7, (B, N, T, S)))
-  if name == "dense_for_all":
+                    jnp.sort(jax.random.randint(r[1], (B, S), 0, 3), axis=1)),
+                mask=jax.random.bernoulli(r[2], 0.7, (B, N, T, S)))
+  if name == "shared_mask":  # a (T, S) mask that every shard reads whole
     return dict(mask=jax.random.bernoulli(r[2], 0.7, (T, S)), causal=True)
   raise ValueError(name)
 
 
 @pytest.mark.parametrize("backend,masks", [
-    ("gpu", "lengths_and_segments"), ("gpu", "dense_per_head"),
-    ("gpu", "dense_for_all"), ("tpu", "lengths_and_segments"),
-    ("tpu", "dense_per_head")])
+    ("gpu", "per_example_and_head"), ("gpu", "shared_mask"),
+    ("tpu", "per_example_and_head")])
 def test_split_over_batch_and_heads_equals_the_whole_call(backend, masks):
   """GQA (N=4, K=2), dropout, masks split with the batch and heads or
   shared by all: 2 x 2 shards give the unsplit call's output, lse and
   gradients, dropout bits included."""
   q, k, v, key = _inputs()
-  kw = dict(_mask_kwargs(masks, 4, 24, 20, 4, key), dropout_rate=0.3,
+  kw = dict(_mask_kwargs(masks, 4, 16, 12, 4, key), dropout_rate=0.3,
             dropout_rng=jax.random.key(7))
   (_, want_aux), want_grads = _loss_and_grads(backend, q, k, v, **kw)
   with mock.patch.object(partitioning, "call", _split_call):

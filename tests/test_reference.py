@@ -144,5 +144,7 @@ def test_three_dim_mask_is_per_example():
     got = reference.attention(q, q, q, mask=jnp.asarray(mask))
     want = reference.attention(q, q, q, mask=jnp.asarray(mask)[:, None])
     np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(
-        got[1], reference.attention(q[1:], q[1:], q[1:], causal=True)[0])
+    # A batch of one runs other matmul kernels: equal to rounding.
+    np.testing.assert_allclose(
+        got[1], reference.attention(q[1:], q[1:], q[1:], causal=True)[0],
+        rtol=1e-6, atol=1e-6)

@@ -316,7 +316,6 @@ MULTIDEVICE = {
                            "ring_needs_less_memory_than_gathered")),
     "kernel_partitioning": ("partitioning_checks", (
         "kernel_splits_over_batch_and_heads",
-        "kernel_under_vmap_and_set_mesh",
         "layer_with_flash_under_explicit_mesh_gathers_nothing")),
 }
 SLOW_MULTIDEVICE = {
@@ -330,6 +329,8 @@ SLOW_MULTIDEVICE = {
     "named_sharding": ("transform_checks", (
         "jit_with_named_sharding_inputs_equals_single_device",)),
     "memory_report": ("hlo_checks", ("memory_report",)),
+    "kernel_partitioning_more": ("partitioning_checks", (
+        "kernel_under_vmap_and_set_mesh",)),
 }
 
 
