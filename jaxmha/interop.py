@@ -15,6 +15,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmha import config as config_lib
 from jaxmha.config import MHAConfig
 
 _SUBLAYERS = ("query", "key", "value", "gate", "attention_output")
@@ -91,8 +92,8 @@ def _normalized_axes(axes, rank: int) -> tuple[int, ...]:
   built: non-negative, ``None`` meaning every axis but batch and features."""
   if axes is None:
     return _default_axes(rank)
-  axes = (axes,) if isinstance(axes, int) else tuple(axes)
-  return tuple(a if a >= 0 else rank + a for a in axes)
+  return tuple(a if a >= 0 else rank + a
+               for a in config_lib._normalize_attention_axes(axes))  # pylint: disable=protected-access
 
 
 def config_from_keras(layer) -> MHAConfig:
