@@ -89,19 +89,23 @@ def _axes(entry) -> tuple[str, ...]:
   return tuple(entry)
 
 
+def _size(mesh, axes: tuple[str, ...]) -> int:
+  """How many shards ``axes`` of ``mesh`` make together."""
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def _plan(mesh, lead_sharding, lead_roles: str, B: int, N: int, K: int):
   """``(batch_axes, head_axes)``: the mesh axes to split batch and heads
   over, read from the leading operand's sharding."""
   spec = getattr(lead_sharding, "spec", None)
-  if mesh is None or mesh.empty or spec is None:
+  if mesh.empty or spec is None:
     return (), ()
   spec = tuple(spec) + (None,) * (len(lead_roles) - len(tuple(spec)))
-  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   batch = _axes(spec[lead_roles.index("b")])
   heads = _axes(spec[lead_roles.index("n")])
-  if B % size(batch):
+  if B % _size(mesh, batch):
     batch = ()
-  if N % size(heads) or K % size(heads):
+  if N % _size(mesh, heads) or K % _size(mesh, heads):
     heads = ()
   return batch, heads
 
@@ -203,8 +207,8 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     batch, heads = plan(mesh, arg_shapes)
-    size = lambda axes: math.prod(mesh.shape[a] for a in axes)
-    sizes = (B // size(batch), N // size(heads), K // size(heads))
+    sizes = (B // _size(mesh, batch), N // _size(mesh, heads),
+             K // _size(mesh, heads))
     arg_shardings = tuple(
         _sharding(mesh, r, batch, heads, s.sharding)
         for r, s in zip(role_leaves, arg_shapes))

@@ -78,15 +78,21 @@ def _inputs(B=4, T=16, S=12, N=4, K=2, H=8, seed=0):
   return q, k, v, r[3]
 
 
-def _loss_and_grads(backend, q, k, v, **kw):
+def kernel_step(backend, **kw):
+  """A jitted ``value_and_grad`` (over q, k, v) of a loss of a kernel's
+  output and lse, with the pair as aux; empty rows' sentinel lse is kept
+  out of the loss."""
   def loss(q, k, v):
     out, lse = pallas_kernels.flash_attention(
         q, k, v, backend=backend, interpret=True, return_lse=True, **kw)
-    keep = lse > -1e20  # empty rows' sentinel lse stays out of the loss
-    return (jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.where(keep, jnp.sin(
-        lse), 0.0))), (out, lse)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
-      q, k, v)
+    finite = lse > pallas_kernels.EMPTY_ROW_LSE / 2
+    return (jnp.sum(out * jnp.cos(out))
+            + jnp.sum(jnp.where(finite, jnp.sin(lse), 0.0))), (out, lse)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _loss_and_grads(backend, q, k, v, **kw):
+  return kernel_step(backend, **kw)(q, k, v)
 
 
 def _mask_kwargs(name, B, T, S, N, key):

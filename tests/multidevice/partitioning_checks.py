@@ -22,10 +22,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxmha
-import pallas_kernels
 from jaxmha import dispatch
 from tests.multidevice.harness import check, main
 from tests.multidevice.hlo_checks import collectives
+from tests.test_partitioning import kernel_step
 from tests.tolerances import FORWARD, GRAD, assert_close
 
 AUTO = jax.sharding.AxisType.Auto
@@ -42,16 +42,6 @@ def _kernel_inputs(B=4, T=24, S=20, N=8, K=4, H=16):
                mask=jax.random.bernoulli(r[3], 0.8, (B, N, T, S)),
                dropout_rate=0.25, dropout_rng=r[4])
   return (q, k, v), masks
-
-
-def _step(masks):
-  def loss(q, k, v):
-    out, lse = pallas_kernels.flash_attention(
-        q, k, v, backend="gpu", interpret=True, return_lse=True, **masks)
-    finite = lse > -1e20  # empty rows' sentinel stays out of the loss
-    return (jnp.sum(out * jnp.cos(out))
-            + jnp.sum(jnp.where(finite, jnp.sin(lse), 0.0))), (out, lse)
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
 def _assert_same(got, want, what):
@@ -73,7 +63,7 @@ def kernel_splits_over_batch_and_heads():
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO,) * 2)
   for K in (4, 2):
     qkv, masks = _kernel_inputs(K=K)
-    step = _step(masks)
+    step = kernel_step("gpu", **masks)
     want = step(*qkv)
     heads = NamedSharding(mesh, P("data", None, "model", None))
     batch = NamedSharding(mesh, P("data"))
@@ -101,7 +91,7 @@ def kernel_under_vmap_and_set_mesh():
   Pallas batches it) gives one device's numbers."""
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AUTO,))
   qkv, masks = _kernel_inputs(B=8)
-  step = _step(masks)
+  step = kernel_step("gpu", **masks)
   want = step(*qkv)
   spec = NamedSharding(mesh, P("data"))
   with jax.set_mesh(mesh):
