@@ -978,7 +978,9 @@ def markdown(result: dict) -> str:
       "# Multi-head attention in JAX: jaxmha vs Keras 3, Flax and "
       "jax.nn.dot_product_attention", "",
       f"Run `{result['command']}` ({s['name']}) on {env['date']}: "
-      f"{env['cpu']}, {env['cores']} cores, jax {env['jax']}, keras "
+      f"{env['cpu']}"
+      + (f" ({env['vector_isa']})" if env.get("vector_isa") else "")
+      + f", {env['cores']} cores, jax {env['jax']}, keras "
       f"{env['keras']}, flax {env['flax']}, backend {env['backend']}"
       + (f", GLIBC_TUNABLES={env['glibc_tunables']}"
          if env.get("glibc_tunables") else "") + ".", "",
@@ -1167,16 +1169,38 @@ def plot(result: dict, path: str) -> None:
 # -- main ---------------------------------------------------------------------
 
 
+def vector_isa(flags: set) -> Optional[str]:
+  """The widest x86 vector extension in a ``/proc/cpuinfo`` flag set, or
+  None. The CPU's matmuls and exponentials run about twice as wide with
+  AVX-512 as with AVX2, and the paths do not gain alike (README, "A second
+  machine").
+
+  >>> vector_isa({"fma", "avx2", "avx"})
+  'AVX2'
+  >>> vector_isa({"asimd"}) is None
+  True
+  """
+  for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                     ("avx", "AVX")):
+    if flag in flags:
+      return name
+  return None
+
+
 def _environment() -> dict:
-  cpu = platform.processor() or platform.machine()
+  model, flags = None, set()
   try:
-    with open("/proc/cpuinfo") as f:
+    with open("/proc/cpuinfo") as f:  # the first processor's lines
       for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name" and model is None:
+          model = value
+        elif key == "flags":
+          flags = set(value.split())
           break
   except OSError:
     pass
+  cpu = model or platform.processor() or platform.machine()
   versions = {}
   for mod in ("keras", "flax"):
     try:
@@ -1184,7 +1208,8 @@ def _environment() -> dict:
     except Exception:  # pylint: disable=broad-except
       versions[mod] = "missing"
   return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-          "cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__,
+          "cpu": cpu, "vector_isa": vector_isa(flags),
+          "cores": os.cpu_count(), "jax": jax.__version__,
           "backend": jax.default_backend(), "python": platform.python_version(),
           # Changes the allocator's page faults (see the module docstring).
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),

@@ -46,6 +46,9 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
   assert len(verdicts) == len(result["checks"]) == 7, proc.stdout[-3000:]
   names = {i.name for i in compare.implementations()}
   assert result["settings"]["name"] == "smoke"
+  # The CPU's vector extension is on record (None off x86).
+  assert result["environment"]["vector_isa"] in ("AVX-512", "AVX2", "AVX",
+                                                 None)
   assert len(result["configs"]) == 4
   for c in result["configs"]:
     assert set(c["impls"]) == names, c["impls"].keys()
