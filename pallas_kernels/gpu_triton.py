@@ -895,7 +895,7 @@ def _local(cfg: _Config, shard: partitioning.Shard, seeds):
 
 def _roles(cfg: _Config, data, seeds):
   """Roles (:mod:`partitioning`) of ``q, k, v, data, seeds``."""
-  return ("b.n.", "b.k.", "b.k.",
+  return (*partitioning.QKV_ROLES,
           partitioning.mask_data_roles(data, cfg.B, cfg.N),
           None if seeds is None else ".")
 
@@ -908,7 +908,8 @@ def _sharded_forward(cfg: _Config, q, k, v, data, seeds):
 
   return partitioning.call(
       kernel, (q, k, v, data, seeds), _roles(cfg, data, seeds),
-      ("b.n.", "bn."), B=cfg.B, N=cfg.N, K=cfg.K, offsets=seeds is not None)
+      partitioning.OUT_LSE_ROLES, B=cfg.B, N=cfg.N, K=cfg.K,
+      offsets=seeds is not None)
 
 
 def _sharded_backward(cfg: _Config, res, cotangents):
@@ -920,9 +921,10 @@ def _sharded_backward(cfg: _Config, res, cotangents):
     return _backward(local_cfg, (q, k, v, data, seeds, out, lse),
                      (d_out, d_lse))
 
-  roles = _roles(cfg, data, seeds) + ("b.n.", "bn.", "b.n.", "bn.")
+  # out, lse, then their cotangents
+  roles = _roles(cfg, data, seeds) + 2 * partitioning.OUT_LSE_ROLES
   return partitioning.call(
-      kernel, (*res, *cotangents), roles, ("b.n.", "b.k.", "b.k."),
+      kernel, (*res, *cotangents), roles, partitioning.QKV_ROLES,
       B=cfg.B, N=cfg.N, K=cfg.K, offsets=seeds is not None)
 
 

@@ -43,6 +43,10 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 _SPLIT_ROLES = ("b", "n", "k")
+# The roles of the layout every kernel shares: q, out, d_out (B, T, N, H);
+# k, v, dk, dv (B, S, K, H); lse, d_lse (B, N, T).
+QKV_ROLES = ("b.n.", "b.k.", "b.k.")
+OUT_LSE_ROLES = ("b.n.", "bn.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -879,15 +879,16 @@ def _sharded(st: _Static, fn, arrays, roles, out_roles):
 
 def _sharded_forward(st: _Static, q, k, v, data):
   return _sharded(st, _forward, (q, k, v, data),
-                  ("b.n.", "b.k.", "b.k.", _data_roles(st, data)),
-                  ("b.n.", "bn."))
+                  (*partitioning.QKV_ROLES, _data_roles(st, data)),
+                  partitioning.OUT_LSE_ROLES)
 
 
 def _sharded_backward(st: _Static, q, k, v, data, out, lse, d_out, d_lse):
+  # out, lse, then their cotangents
   return _sharded(st, _backward, (q, k, v, data, out, lse, d_out, d_lse),
-                  ("b.n.", "b.k.", "b.k.", _data_roles(st, data), "b.n.",
-                   "bn.", "b.n.", "bn."),
-                  ("b.n.", "b.k.", "b.k."))
+                  (*partitioning.QKV_ROLES, _data_roles(st, data))
+                  + 2 * partitioning.OUT_LSE_ROLES,
+                  partitioning.QKV_ROLES)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
