@@ -130,6 +130,12 @@ def reference_attention(q, k, v, **kw):
   return _jitted_reference(f32(q), f32(k), f32(v), **kw)
 
 
+def jitted_grad(loss):
+  """``loss``'s gradients in q, k and v, under one jit: op-by-op dispatch
+  of a backward pass costs several times its compilation."""
+  return jax.jit(jax.grad(loss, (0, 1, 2)))
+
+
 class AttentionConformance:
   """Tests that a path computes the reference's function. Subclass me."""
 
@@ -194,9 +200,8 @@ class AttentionConformance:
         out, lse_term = fn(q, k, v, **kw), 0.0
       return jnp.sum(out.astype(jnp.float32) * d_out) + lse_term
 
-    grads = jax.grad(lambda *a: loss(self.attention, *a), (0, 1, 2))(q, k, v)
-    ref = jax.grad(lambda *a: loss(reference_attention, *a), (0, 1, 2))(
-        q, k, v)
+    grads = jitted_grad(functools.partial(loss, self.attention))(q, k, v)
+    ref = jitted_grad(functools.partial(loss, reference_attention))(q, k, v)
     for name, g, r, x in zip(("dq", "dk", "dv"), grads, ref, (q, k, v)):
       assert g.shape == x.shape and g.dtype == x.dtype, name
       assert bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))), name
@@ -210,10 +215,8 @@ class AttentionConformance:
     out = self.attention(q, k, v, causal=True)
     assert out.dtype == q.dtype
     assert_close(out, reference_attention(q, k, v, causal=True), FORWARD)
-    grads = jax.grad(functools.partial(loss, self.attention), (0, 1, 2))(
-        q, k, v)
-    ref = jax.grad(functools.partial(loss, reference_attention), (0, 1, 2))(
-        q, k, v)
+    grads = jitted_grad(functools.partial(loss, self.attention))(q, k, v)
+    ref = jitted_grad(functools.partial(loss, reference_attention))(q, k, v)
     for name, g, r, x in zip(("dq", "dk", "dv"), grads, ref, (q, k, v)):
       assert g.dtype == x.dtype, name
       # dk and dv are rounded to their inputs' dtypes.
@@ -236,8 +239,8 @@ class AttentionConformance:
       out = self.attention(q, k, v, **kw)
     np.testing.assert_array_equal(out[0], 0.0)
     np.testing.assert_array_equal(out[1, 3], 0.0)
-    grads = jax.grad(lambda q, k, v: jnp.sum(self.attention(q, k, v, **kw)),
-                     (0, 1, 2))(q, k, v)
+    grads = jitted_grad(
+        lambda q, k, v: jnp.sum(self.attention(q, k, v, **kw)))(q, k, v)
     for g in grads:
       assert bool(jnp.all(jnp.isfinite(g)))
     np.testing.assert_array_equal(grads[0][0], 0.0)  # dq of empty rows

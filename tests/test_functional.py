@@ -405,21 +405,23 @@ def test_forward_mode_autodiff_on_the_fused_path():
                              T=160, S=160)
   f = lambda x: jaxmha.apply(params, cfg, x, v, use_causal_mask=True)
   t = jax.random.normal(jax.random.key(9), q.shape)
+  # Each transform under its own jit: the path is picked when it traces.
+  jvp = lambda f: jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))
   with pytest.raises(TypeError, match="custom_vjp"):
-    jax.jvp(f, (q,), (t,))  # blockwise from 128 positions
+    jvp(f)(q, t)  # blockwise from 128 positions
   with jaxmha.dispatch.use_path("xla"):
-    out, tangent = jax.jvp(f, (q,), (t,))
-  np.testing.assert_allclose(out, f(q), rtol=1e-5, atol=1e-5)
+    out, tangent = jvp(f)(q, t)
+  np.testing.assert_allclose(out, jax.jit(f)(q), rtol=1e-5, atol=1e-5)
   # The tangent equals the blockwise path's linearisation, by reverse mode.
-  _, vjp = jax.vjp(f, q)
   cot = jax.random.normal(jax.random.key(10), out.shape)
-  np.testing.assert_allclose(jnp.vdot(tangent, cot), jnp.vdot(t, vjp(cot)[0]),
+  vjp = jax.jit(lambda x, cot: jax.vjp(f, x)[1](cot)[0])
+  np.testing.assert_allclose(jnp.vdot(tangent, cot), jnp.vdot(t, vjp(q, cot)),
                              rtol=1e-4)
   # Forward over reverse (a Hessian-vector product) on the blockwise path.
-  loss = lambda x: jnp.sum(f(x) ** 2)
-  hvp = jax.jvp(jax.grad(loss), (q,), (t,))[1]
+  grad = jax.grad(lambda x: jnp.sum(f(x) ** 2))
+  hvp = jvp(grad)(q, t)[1]
   with jaxmha.dispatch.use_path("xla"):
-    want = jax.jvp(jax.grad(loss), (q,), (t,))[1]
+    want = jvp(grad)(q, t)[1]
   np.testing.assert_allclose(hvp, want, rtol=1e-3, atol=1e-3)
 
 
@@ -459,8 +461,11 @@ def test_random_shapes_and_masks_match_numpy(B, T, S, N, H, causal, window,
   if use_attention:
     kw["attention_mask"] = rng.random((B, T, S)) > 0.3
     allowed &= kw["attention_mask"][:, None]
-  out, scores = jaxmha.apply(params, cfg, q, v, use_causal_mask=causal,
-                             return_attention_scores=True, **kw)
+  # Under jit: each example is one compilation instead of one per op.
+  layer = jax.jit(lambda params, q, v, kw: jaxmha.apply(
+      params, cfg, q, v, use_causal_mask=causal, return_attention_scores=True,
+      **kw))
+  out, scores = layer(params, q, v, kw)
   expected, weights = naive_mha(params, q, v, v, allowed, use_gate=gate)
   assert out.shape == (B, T, 6) and scores.shape == (B, N, T, S)
   assert np.all(np.isfinite(out))

@@ -353,8 +353,9 @@ def test_shard_map_two_devices():
         assert jnp.allclose(a, b, atol=1e-4, rtol=1e-4), (a, b)
       print("OK")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=("--xla_force_host_platform_device_count=2 "
+                        + os.environ.get("XLA_FLAGS", "")))
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
