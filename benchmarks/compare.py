@@ -983,7 +983,9 @@ def markdown(result: dict) -> str:
       + f", {env['cores']} cores, jax {env['jax']}, keras "
       f"{env['keras']}, flax {env['flax']}, backend {env['backend']}"
       + (f", GLIBC_TUNABLES={env['glibc_tunables']}"
-         if env.get("glibc_tunables") else "") + ".", "",
+         if env.get("glibc_tunables") else "")
+      + (f", XLA_FLAGS={env['xla_flags']}" if env.get("xla_flags") else "")
+      + ".", "",
       f"N={s['N']}, H={s['H']}, D={s['D']}, fp32, self-attention (S=T). "
       f"Times are medians of {s['rounds']} to {s['max_rounds']} interleaved "
       "rounds (more for short configurations; each round runs every "
@@ -1213,6 +1215,9 @@ def _environment() -> dict:
           "backend": jax.default_backend(), "python": platform.python_version(),
           # Changes the allocator's page faults (see the module docstring).
           "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+          # XLA's code generation: the test suite's fast-compile flags, for
+          # one, run the blockwise forward 1.5-1.8x slower.
+          "xla_flags": os.environ.get("XLA_FLAGS"),
           **versions}
 
 

@@ -49,6 +49,10 @@ def test_smoke_run_writes_json_markdown_and_png(tmp_path):
   # The CPU's vector extension is on record (None off x86).
   assert result["environment"]["vector_isa"] in ("AVX-512", "AVX2", "AVX",
                                                  None)
+  # So are the XLA flags it ran under (the suite's, inherited).
+  assert result["environment"]["xla_flags"] == os.environ.get("XLA_FLAGS")
+  if os.environ.get("XLA_FLAGS"):
+    assert "XLA_FLAGS=" in (tmp_path / "compare.md").read_text()
   assert len(result["configs"]) == 4
   for c in result["configs"]:
     assert set(c["impls"]) == names, c["impls"].keys()
