@@ -116,8 +116,7 @@ def test_padded_steps_keep_each_examples_dropout_bits():
         q, k, v, causal=causal, backend="xla", block_sizes=SMALL_BLOCKS,
         **kw)
     out = jax.jit(fn)(q, k, v)
-    grads = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))),
-                             (0, 1, 2)))(q, k, v)
+    grads = jitted_grad(lambda *a: jnp.sum(jnp.sin(fn(*a))))(q, k, v)
   ref = lambda q, k, v: reference_attention(q, k, v, causal=causal, **kw)
   assert_close(out, ref(q, k, v), FORWARD)
   ref_grads = jitted_grad(lambda *a: jnp.sum(jnp.sin(ref(*a))))(q, k, v)
@@ -350,7 +349,7 @@ def test_causal_diagonal_by_halving_squares(shape, dtype, block_sizes):
        mock.patch.object(blockwise, "_triangle_grads",
                          counted("_triangle_grads")):
     out, lse = jax.jit(fn)(q, k, v)
-    grads = jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
+    grads = jitted_grad(loss(fn))(q, k, v)
   assert calls["_triangle_state"] and calls["_triangle_grads"], calls
   ref_out, ref_lse = ref(q, k, v)
   assert_close(out, ref_out, FORWARD, dtype)
@@ -437,7 +436,7 @@ def test_blocks_the_masks_allow_entirely_run_unmasked(kind, causal):
   ref = lambda q, k, v: reference_attention(q, k, v, causal=causal, **kw)
   assert_close(fn(q, k, v), ref(q, k, v), FORWARD)
   loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
-  grads = jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
+  grads = jitted_grad(loss(fn))(q, k, v)
   for g, r in zip(grads, jitted_grad(loss(ref))(q, k, v)):
     assert_close(g, r, GRAD)
 
@@ -483,10 +482,9 @@ def test_default_blocks(T, S):
   assert_close(lse, ref_lse, FORWARD)
   if T > 1:  # several default blocks: the backward's loops too
     loss = lambda fn: lambda *a: jnp.sum(fn(*a) ** 2)
-    grads = jax.jit(jax.grad(loss(lambda *a: fn(*a, kw)[0]), (0, 1, 2)))(
-        q, k, v)
-    ref_grads = jax.jit(jax.grad(loss(lambda *a: reference_attention(
-        *a, causal=causal, **kw)), (0, 1, 2)))(q, k, v)
+    grads = jitted_grad(loss(lambda *a: fn(*a, kw)[0]))(q, k, v)
+    ref_grads = jitted_grad(loss(lambda *a: reference_attention(
+        *a, causal=causal, **kw)))(q, k, v)
     for g, r in zip(grads, ref_grads):
       assert_close(g, r, GRAD)
 
@@ -555,7 +553,7 @@ def test_backward_blocks_differ_from_forward(mask):
       dropout_rng=jax.random.key(3), **kw)
   assert_close(jax.jit(fn)(q, k, v), ref(q, k, v), FORWARD)
   loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
-  grads = jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
+  grads = jitted_grad(loss(fn))(q, k, v)
   ref_grads = jitted_grad(loss(ref))(q, k, v)
   for g, r in zip(grads, ref_grads):
     assert_close(g, r, GRAD)

@@ -30,7 +30,8 @@ from pallas_kernels import gpu_triton
 from pallas_kernels import masks as masks_lib
 from pallas_kernels.masks import MaskSpec
 from tests.conformance import (AttentionConformance, Case, diagonal_cases,
-                               make_inputs, reference_attention)
+                               jitted_grad, make_inputs, reference_attention)
+from tests.multidevice import harness
 from tests.tolerances import FORWARD, GRAD, assert_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,10 +136,8 @@ def test_poison_past_lengths_does_not_leak():
   ref_out, ref_lse = ref_attention(*clean, return_lse=True, **kw)
   assert_close(out, ref_out, FORWARD, "float32", "out")
   assert_close(lse, ref_lse, FORWARD, "float32", "lse")
-  grads = jax.jit(jax.grad(lambda *a: loss(gpu_attention, *a), (0, 1, 2)))(
-      *dirty)
-  ref = jax.jit(jax.grad(lambda *a: loss(reference_attention, *a),
-                         (0, 1, 2)))(*clean)
+  grads = jitted_grad(functools.partial(loss, gpu_attention))(*dirty)
+  ref = jitted_grad(functools.partial(loss, reference_attention))(*clean)
   for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
     assert bool(jnp.all(jnp.isfinite(g))), name
     assert_close(g, r, GRAD, "float32", name)
@@ -353,10 +352,8 @@ def test_shard_map_two_devices():
         assert jnp.allclose(a, b, atol=1e-4, rtol=1e-4), (a, b)
       print("OK")
   """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=("--xla_force_host_platform_device_count=2 "
-                        + os.environ.get("XLA_FLAGS", "")))
-  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                          env=harness.env(devices=2),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 

@@ -13,7 +13,6 @@ refusals.
 """
 
 import functools
-import os
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from pallas_kernels import tpu
 from tests.conformance import (MASK_KINDS, AttentionConformance, Case,
                                diagonal_cases, make_inputs,
                                reference_attention)
+from tests.multidevice import harness
 from tests.tolerances import FORWARD, GRAD, assert_close
 
 # Races between the kernel body and its DMAs are reported; reading out of
@@ -318,9 +318,6 @@ def test_forward_and_backward_lower_to_mosaic(shape, mask, dtype, dropout,
 
 
 _SHARD_MAP_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
-                               + os.environ.get("XLA_FLAGS", ""))
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     import pallas_kernels
@@ -385,12 +382,9 @@ def test_shard_map_with_check_vma():
   into it at once, so the kernels run on a one-device mesh and are lowered
   (not run) on a two-device one.
   """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep
-             + os.environ.get("PYTHONPATH", ""))
-  result = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=600,
-                          check=False)
+  result = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT],
+                          env=harness.env(devices=2), capture_output=True,
+                          text=True, timeout=600, check=False)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
