@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmha import config as config_lib
+from jaxmha import equations
 from jaxmha.config import MHAConfig
 
 _SUBLAYERS = ("query", "key", "value", "gate", "attention_output")
@@ -83,17 +83,13 @@ def _query_rank(layer) -> int:
   return len(inputs)
 
 
-def _default_axes(rank: int) -> tuple[int, ...]:
-  return tuple(range(1, rank - 1))
-
-
-def _normalized_axes(axes, rank: int) -> tuple[int, ...]:
-  """Attention axes of a rank-``rank`` input as Keras stores them once
-  built: non-negative, ``None`` meaning every axis but batch and features."""
-  if axes is None:
-    return _default_axes(rank)
-  return tuple(a if a >= 0 else rank + a
-               for a in config_lib._normalize_attention_axes(axes))  # pylint: disable=protected-access
+def _built_axes(axes, rank: int) -> tuple[int, ...]:
+  """Attention axes (None, an int or ints) of a rank-``rank`` query as Keras
+  stores them once built: non-negative, None spelled out as every axis but
+  batch and features."""
+  if isinstance(axes, int):
+    axes = (axes,)
+  return equations.normalize_attention_axes(axes, rank)
 
 
 def config_from_keras(layer) -> MHAConfig:
@@ -121,11 +117,9 @@ def config_from_keras(layer) -> MHAConfig:
   if value_dim == keras_cfg["key_dim"]:
     value_dim = None
   axes = keras_cfg.get("attention_axes")
-  if isinstance(axes, int):
-    axes = (axes,)
-  elif axes is not None:
-    axes = tuple(axes)
-    if layer.built and axes == _default_axes(_query_rank(layer)):
+  if axes is not None and layer.built:
+    rank = _query_rank(layer)
+    if _built_axes(axes, rank) == _built_axes(None, rank):
       axes = None
   return MHAConfig(
       num_heads=keras_cfg["num_heads"], key_dim=keras_cfg["key_dim"],
@@ -245,9 +239,9 @@ def _config_mismatches(cfg: MHAConfig, layer) -> list[str]:
   wanted = {"dropout": cfg.dropout, "sliding_window": cfg.sliding_window}
   if "attention_axes" in keras_cfg:
     rank = _query_rank(layer)
-    wanted["attention_axes"] = _normalized_axes(cfg.attention_axes, rank)
-    keras_cfg["attention_axes"] = _normalized_axes(keras_cfg["attention_axes"],
-                                                   rank)
+    wanted["attention_axes"] = _built_axes(cfg.attention_axes, rank)
+    keras_cfg["attention_axes"] = _built_axes(keras_cfg["attention_axes"],
+                                              rank)
   return [f"{field}: cfg has {value!r}, the layer {keras_cfg.get(field)!r}"
           for field, value in wanted.items()
           if keras_cfg.get(field) != value]

@@ -265,9 +265,16 @@ def test_config_round_trip_through_keras_is_exact():
     assert cfg2 == cfg and hash(cfg2) == hash(cfg)
   # A built Keras layer spells its axes out; those of the default come back
   # as None, which means the same for inputs of that rank.
-  cfg2, _ = jaxmha.from_keras(jaxmha.to_keras(params, cfg.replace(
-      attention_axes=(1,))))
-  assert cfg2 == cfg
+  for axes in ((1,), (-2,), -2):
+    cfg2, _ = jaxmha.from_keras(jaxmha.to_keras(params, cfg.replace(
+        attention_axes=axes)))
+    assert cfg2 == cfg, axes
+  # Other axes come back as the built layer stores them, non-negative.
+  rank4 = cfg.replace(attention_axes=(-3,))
+  params4 = jaxmha.init_params(jax.random.key(0), rank4, (1, 5, 3, 8),
+                               (1, 7, 3, 8))
+  cfg2, _ = jaxmha.from_keras(jaxmha.to_keras(params4, rank4))
+  assert cfg2 == rank4.replace(attention_axes=(1,))
   # A Keras layer's own get_config() is a config too.
   layer = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4,
                                           kernel_initializer="he_normal")
