@@ -22,6 +22,7 @@ import pytest
 from benchmarks import attention_core
 from benchmarks import blockwise_ab
 from benchmarks import compare
+from benchmarks import dot_libraries
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -198,3 +199,30 @@ def test_loss_gradient_is_the_vjp_of_the_error():
   want = vjp(out - target)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_dot_libraries_times_default_control_and_eigen_programs():
+  rows = dot_libraries.main(["--impls", "keras,jaxmha", "--modes", "fwd+bwd",
+                             "--masks", "causal", "--seq-lengths", "16",
+                             "--features", "16", "2", "8", "--rounds", "2"])
+  assert [r["impl"] for r in rows] == ["keras", "jaxmha"]
+  for r in rows:
+    assert set(r["ms"]) == {"default", "control", "eigen"}, r
+    assert all(ms > 0 for ms in r["ms"].values()), r
+    # The option reached the compiler: nothing is left to YNNPACK.
+    assert r["ynn_fusions"]["eigen"] == 0, r
+    assert r["ynn_fusions"]["control"] == r["ynn_fusions"]["default"], r
+
+
+def test_dot_libraries_names_an_unknown_implementation():
+  with pytest.raises(SystemExit, match="Unknown --impls.*nope"):
+    dot_libraries.main(["--impls", "nope", "--seq-lengths", "16"])
+
+
+def test_dot_libraries_times_the_three_matmul_forms():
+  rows = dot_libraries.main(["--matmuls", "--seq-lengths", "32",
+                             "--features", "16", "2", "8", "--rounds", "2"])
+  assert [(r["S"], r["rows"]) for r in rows] == [(32, 128), (32, 256)]
+  for r in rows:
+    assert set(r["gflops"]) == {"ynnpack", "eigen", "eigen, lhs first dim"}
+    assert all(rate > 0 for rate in r["gflops"].values()), r
