@@ -7,11 +7,17 @@ A Pallas kernel lowers to one custom call, which XLA's SPMD partitioner
 cannot split: under ``jit`` over batch- or head-sharded operands it would
 gather them and run the whole problem on every device. :func:`call` wraps a
 kernel in ``jax.experimental.custom_partitioning`` instead, so that each
-device runs it on its own batch rows and heads, with no collective:
+device runs it on its own batch rows and heads, with no collective but the
+sum of shared kv heads' gradients below:
 
 * batch is split over the mesh axes that shard the leading operand's batch
   dim (``q``'s), heads over those that shard its head dim when both ``N``
   and ``K`` divide by their size (GQA groups stay whole on one device);
+* when only ``N`` divides and the size divides by ``K`` (MQA, or fewer kv
+  heads than devices on the heads axes), query heads are split and the kv
+  heads are not: each device's query heads share one kv head, which it
+  slices from the whole set (:func:`one_kv_head`), and the gradients of the
+  kv heads are summed over the heads axes (:func:`place_kv_head`);
 * sequence and head-dim axes are never split: an operand sharded there is
   gathered first (the kernels need whole rows of keys);
 * the kernel gets a :class:`Shard`: its local ``B, N, K`` and the global
@@ -99,29 +105,53 @@ def _size(mesh, axes: tuple[str, ...]) -> int:
 
 
 def _plan(mesh, lead_sharding, lead_roles: str, B: int, N: int, K: int):
-  """``(batch_axes, head_axes)``: the mesh axes to split batch and heads
-  over, read from the leading operand's sharding."""
+  """``(batch_axes, head_axes, kv_head_axes)``: the mesh axes to split
+  batch, query heads and kv heads over, read from the leading operand's
+  sharding. ``kv_head_axes`` is ``head_axes``, or ``()`` when each device's
+  query heads share one kv head of the whole set."""
   spec = getattr(lead_sharding, "spec", None)
   if mesh.empty or spec is None:
-    return (), ()
+    return (), (), ()
   spec = tuple(spec) + (None,) * (len(lead_roles) - len(tuple(spec)))
   batch = _axes(spec[lead_roles.index("b")])
   heads = _axes(spec[lead_roles.index("n")])
   if B % _size(mesh, batch):
     batch = ()
-  if N % _size(mesh, heads) or K % _size(mesh, heads):
-    heads = ()
-  return batch, heads
+  n = _size(mesh, heads)
+  if N % n == 0 and K % n == 0:
+    return batch, heads, heads
+  if N % n == 0 and n % K == 0:
+    return batch, heads, ()
+  return batch, (), ()
 
 
-def _sharding(mesh, roles: str, batch, heads, like):
+def one_kv_head(operands, roles, kv_head):
+  """``operands`` (a flat list) with only kv head ``kv_head`` (a traced
+  int32) of those with a ``"k"`` role: the kv head that a shard's query
+  heads share when the kv heads are not split."""
+  return [jax.lax.dynamic_slice_in_dim(x, kv_head, 1, r.index("k"))
+          if "k" in r else x for x, r in zip(operands, roles)]
+
+
+def place_kv_head(results, roles, kv_head, K: int):
+  """The inverse of :func:`one_kv_head` for results: each one with a
+  ``"k"`` role widened to all ``K`` kv heads, zero but at ``kv_head``
+  (the partial gradient that the shards sharing that head sum)."""
+  def place(x, r):
+    axis = r.index("k")
+    whole = jnp.zeros(x.shape[:axis] + (K,) + x.shape[axis + 1:], x.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(whole, x, kv_head, axis)
+  return [place(x, r) if "k" in r else x for x, r in zip(results, roles)]
+
+
+def _sharding(mesh, roles: str, batch, heads, kv_heads, like):
   """The sharding of an operand with ``roles`` under the plan."""
   if not isinstance(mesh, Mesh) or mesh.empty:
     # No named mesh (GSPMD shardings): run replicated on the same devices.
     devices = sorted(like.device_set, key=lambda d: d.id)
     return NamedSharding(Mesh(np.array(devices), ("replica",)),
                          PartitionSpec())
-  by_role = {"b": batch or None, "n": heads or None, "k": heads or None}
+  by_role = {"b": batch or None, "n": heads or None, "k": kv_heads or None}
   return NamedSharding(
       mesh, PartitionSpec(*(by_role.get(r) for r in roles)))
 
@@ -183,41 +213,58 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
     return kernel(Shard(B, N, K), *args)
 
   lead_roles = role_leaves[0]
-  if offsets:  # global indices, split like batch and heads: row 0 = offset
+  kernel_roles = role_leaves
+  # Global indices, split like batch and heads (row 0 = offset): for
+  # dropout, and for the kv head that split query heads share.
+  with_ids = offsets or K < N
+  if with_ids:
     leaves = leaves + [jnp.arange(B, dtype=jnp.int32),
                        jnp.arange(N, dtype=jnp.int32)]
     role_leaves = role_leaves + ["b", "n"]
 
-  def local(shard_sizes, *flat):
-    if offsets:
+  def local(shard_sizes, heads_axes, *flat):
+    """The kernel on one shard. ``heads_axes``: the mesh axes that split
+    the query heads but not the kv heads, or ``()``."""
+    if with_ids:
       *flat, b_ids, n_ids = flat
       shard = Shard(*shard_sizes, batch_offset=b_ids[0],
                     head_offset=n_ids[0])
     else:
       shard = Shard(*shard_sizes)
-    return tuple(kernel(shard, *tree.unflatten(flat)))
+    if not heads_axes:
+      return tuple(kernel(shard, *tree.unflatten(flat)))
+    kv_head = shard.head_offset // (N // K)
+    flat = one_kv_head(flat, kernel_roles, kv_head)
+    shard = dataclasses.replace(shard, K=1)
+    results = place_kv_head(kernel(shard, *tree.unflatten(flat)), out_roles,
+                            kv_head, K)
+    return tuple(jax.lax.psum(x, heads_axes) if "k" in r else x
+                 for x, r in zip(results, out_roles))
 
   @custom_partitioning
   def partitioned(*flat):
-    return local((B, N, K), *flat)
+    return local((B, N, K), (), *flat)
 
   def plan(mesh, arg_shapes):
     return _plan(mesh, arg_shapes[0].sharding, lead_roles, B, N, K)
 
-  def result_shardings(mesh, arg_shapes, batch, heads):
-    return tuple(_sharding(mesh, r, batch, heads, arg_shapes[0].sharding)
-                 for r in out_roles)
+  def result_shardings(mesh, arg_shapes, batch, heads, kv_heads):
+    return tuple(
+        _sharding(mesh, r, batch, heads, kv_heads, arg_shapes[0].sharding)
+        for r in out_roles)
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    batch, heads = plan(mesh, arg_shapes)
+    batch, heads, kv_heads = plan(mesh, arg_shapes)
     sizes = (B // _size(mesh, batch), N // _size(mesh, heads),
-             K // _size(mesh, heads))
+             K // _size(mesh, kv_heads))
     arg_shardings = tuple(
-        _sharding(mesh, r, batch, heads, s.sharding)
+        _sharding(mesh, r, batch, heads, kv_heads, s.sharding)
         for r, s in zip(role_leaves, arg_shapes))
-    return (mesh, lambda *flat: local(sizes, *flat),
-            result_shardings(mesh, arg_shapes, batch, heads), arg_shardings)
+    heads_alone = heads if heads != kv_heads else ()
+    return (mesh, lambda *flat: local(sizes, heads_alone, *flat),
+            result_shardings(mesh, arg_shapes, batch, heads, kv_heads),
+            arg_shardings)
 
   def infer(mesh, arg_shapes, result_shape):
     del result_shape
@@ -235,7 +282,7 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
   def _vmap_rule(axis_size, in_batched, *flat):
     del axis_size
     axes = [0 if b else None for b in in_batched]
-    outs = jax.vmap(lambda *f: local((B, N, K), *f), in_axes=axes)(*flat)
+    outs = jax.vmap(lambda *f: local((B, N, K), (), *f), in_axes=axes)(*flat)
     return outs, tuple(True for _ in outs)
 
   return batchable(*leaves)

@@ -33,16 +33,23 @@ from tests.tolerances import FORWARD, GRAD, assert_close
 
 def _split_call(kernel, args, roles, out_roles, *, B, N, K, offsets=False,
                 partitionable=True, parts=(2, 2)):
-  """``partitioning.call`` done by hand: ``parts`` = (batch, head) shards."""
+  """``partitioning.call`` done by hand: ``parts`` = (batch, head) shards.
+
+  When the head shards do not divide the ``K`` kv heads, each shard's query
+  heads share one kv head, as under the partitioner: the kv operands stay
+  whole, the shard reads its kv head, and the kv heads' results are summed
+  over the head shards."""
   del partitionable
   nb, nh = parts
-  assert B % nb == 0 and N % nh == 0 and K % nh == 0, (B, N, K, parts)
+  shared_kv = K % nh != 0
+  assert B % nb == 0 and N % nh == 0, (B, N, parts)
+  assert not shared_kv or nh % K == 0, (K, parts)
   leaves, tree = jax.tree.flatten(args)
   role_leaves = tree.flatten_up_to(roles)
 
   def piece(x, r, bi, hi):
     for axis, role in enumerate(r):
-      if role in "bnk":
+      if role in ("bn" if shared_kv else "bnk"):
         cut = nb if role == "b" else nh
         size = x.shape[axis] // cut
         x = jax.lax.slice_in_dim(x, (bi if role == "b" else hi) * size,
@@ -55,17 +62,27 @@ def _split_call(kernel, args, roles, out_roles, *, B, N, K, offsets=False,
     row = []
     for hi in range(nh):
       shard = partitioning.Shard(
-          B // nb, N // nh, K // nh,
+          B // nb, N // nh, 1 if shared_kv else K // nh,
           batch_offset=jnp.int32(bi * B // nb) if offsets else 0,
-          head_offset=jnp.int32(hi * N // nh) if offsets else 0)
+          head_offset=(jnp.int32(hi * N // nh) if offsets or shared_kv
+                       else 0))
       local = [piece(x, r, bi, hi) for x, r in zip(leaves, role_leaves)]
-      row.append(kernel(shard, *tree.unflatten(local)))
+      if shared_kv:
+        kv_head = shard.head_offset // (N // K)
+        local = partitioning.one_kv_head(local, role_leaves, kv_head)
+        row.append(partitioning.place_kv_head(
+            kernel(shard, *tree.unflatten(local)), out_roles, kv_head, K))
+      else:
+        row.append(kernel(shard, *tree.unflatten(local)))
     grid.append(row)
   outs = []
   for j, r in enumerate(out_roles):
     head_axis = next(i for i, c in enumerate(r) if c in "nk")
-    rows = [jnp.concatenate([cell[j] for cell in row], axis=head_axis)
-            for row in grid]
+    if shared_kv and "k" in r:  # partial sums of every kv head
+      rows = [sum(cell[j] for cell in row) for row in grid]
+    else:
+      rows = [jnp.concatenate([cell[j] for cell in row], axis=head_axis)
+              for row in grid]
     outs.append(jnp.concatenate(rows, axis=r.index("b")))
   return tuple(outs)
 
@@ -127,6 +144,26 @@ def test_split_over_batch_and_heads_equals_the_whole_call(backend, masks):
     assert_close(got, want, GRAD)
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("K,parts", [(2, (2, 4)), (1, (1, 2))])
+def test_query_heads_split_over_shared_kv_heads(backend, K, parts):
+  """More head shards than kv heads (N=4; K=2 over 4 shards, MQA over 2):
+  each shard reads the one kv head its query heads share, and the kv
+  heads' gradients are summed over the shards; with dropout and per-head
+  masks, the unsplit call's output, lse and gradients."""
+  q, k, v, key = _inputs(K=K)
+  kw = dict(_mask_kwargs("per_example_and_head", 4, 16, 12, 4, key),
+            dropout_rate=0.3, dropout_rng=jax.random.key(7))
+  (_, want_aux), want_grads = _loss_and_grads(backend, q, k, v, **kw)
+  split = functools.partial(_split_call, parts=parts)
+  with mock.patch.object(partitioning, "call", split):
+    (_, got_aux), got_grads = _loss_and_grads(backend, q, k, v, **kw)
+  for got, want in zip(got_aux, want_aux):
+    assert_close(got, want, FORWARD)
+  for got, want in zip(got_grads, want_grads):
+    assert_close(got, want, GRAD)
+
+
 def test_split_without_dropout_needs_no_offsets():
   """Without dropout the kernels ask for no offsets (no iota operands):
   the shards see zero offsets and still agree."""
@@ -150,16 +187,25 @@ def test_the_plan_follows_the_leading_operand():
   spec = lambda *s: types.SimpleNamespace(spec=P(*s))
   plan = functools.partial(partitioning._plan, mesh)  # pylint: disable=protected-access
   assert plan(spec("data", None, "model"), "b.n.", 4, 8, 4) == (
-      ("data",), ("model",))
-  # K=2 kv heads do not split 4 ways: heads stay whole, batch still splits.
+      ("data",), ("model",), ("model",))
+  # K=2 kv heads do not split 4 ways: the query heads do, each pair of
+  # devices sharing one kv head; so does MQA (K=1).
   assert plan(spec("data", None, "model"), "b.n.", 4, 8, 2) == (
-      ("data",), ())
+      ("data",), ("model",), ())
+  assert plan(spec("data", None, "model"), "b.n.", 4, 8, 1) == (
+      ("data",), ("model",), ())
+  # K=3 kv heads neither split 4 ways nor divide them: heads stay whole,
+  # batch still splits; so do N=6 query heads.
+  assert plan(spec("data", None, "model"), "b.n.", 4, 12, 3) == (
+      ("data",), (), ())
+  assert plan(spec("data", None, "model"), "b.n.", 4, 6, 2) == (
+      ("data",), (), ())
   # An odd batch does not split; both axes on the batch do.
   assert plan(spec("data", None, "model"), "b.n.", 3, 8, 8) == (
-      (), ("model",))
+      (), ("model",), ("model",))
   assert plan(spec(("data", "model")), "b.n.", 8, 8, 8) == (
-      ("data", "model"), ())
-  assert plan(spec(), "b.n.", 8, 8, 8) == ((), ())
+      ("data", "model"), (), ())
+  assert plan(spec(), "b.n.", 8, 8, 8) == ((), (), ())
 
 
 def test_sharding_rule_shares_batch_and_head_factors():

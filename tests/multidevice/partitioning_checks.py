@@ -58,10 +58,12 @@ def kernel_splits_over_batch_and_heads():
   """Batch on a 2-way axis, heads on a 4-way one (GQA N=8, K=4), causal +
   kv_lengths (an empty row) + a per-head mask + dropout: forward, lse and
   grads equal one device's, nothing is gathered, and the results keep the
-  inputs' sharding. With K=2 kv heads on the 4-way axis the heads cannot
-  split: still the same numbers, batch still split."""
+  inputs' sharding. With K=2 kv heads, or one (MQA), on the 4-way axis the
+  query heads still split, each device reading the kv head its query heads
+  share from the whole set: still the same numbers and no gather, the kv
+  heads' gradients summed over the axis and left whole."""
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO,) * 2)
-  for K in (4, 2):
+  for K in (4, 2, 1):
     qkv, masks = _kernel_inputs(K=K)
     step = kernel_step("gpu", **masks)
     want = step(*qkv)
@@ -72,16 +74,16 @@ def kernel_splits_over_batch_and_heads():
     compiled = step.lower(*sharded).compile()
     got = compiled(*sharded)
     _assert_same(got, want, f"K={K}")
-    gathers = collectives(compiled)["other"].get("all-gather", 0)
-    (_, (out, lse)), grads = got
-    if K == 4:
-      assert gathers == 0, collectives(compiled)
-      assert out.sharding.spec[:3] == ("data", None, "model"), out.sharding
-      assert lse.sharding.spec[:2] == ("data", "model"), lse.sharding
-      for g in grads:
-        assert g.sharding.spec[:3] == ("data", None, "model"), g.sharding
-    else:
-      assert out.sharding.spec[0] == "data", out.sharding
+    found = collectives(compiled)
+    assert found["other"].get("all-gather", 0) == 0, (K, found)
+    (_, (out, lse)), (dq, dk, dv) = got
+    assert out.sharding.spec[:3] == ("data", None, "model"), out.sharding
+    assert lse.sharding.spec[:2] == ("data", "model"), lse.sharding
+    assert dq.sharding.spec[:3] == ("data", None, "model"), dq.sharding
+    kv_axis = "model" if K == 4 else None
+    for g in (dk, dv):
+      spec = tuple(g.sharding.spec) + (None,) * 4
+      assert spec[:3] == ("data", None, kv_axis), (K, g.sharding)
 
 
 @check
