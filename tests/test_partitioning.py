@@ -125,6 +125,22 @@ def _mask_kwargs(name, B, T, S, N, key):
   raise ValueError(name)
 
 
+def _assert_split_equals_whole(backend, masks, *, K, parts):
+  """The kernel split by hand into ``parts`` (batch, head) shards gives the
+  unsplit call's output, lse and gradients (N=4, dropout, ``masks``)."""
+  q, k, v, key = _inputs(K=K)
+  kw = dict(_mask_kwargs(masks, 4, 16, 12, 4, key), dropout_rate=0.3,
+            dropout_rng=jax.random.key(7))
+  (_, want_aux), want_grads = _loss_and_grads(backend, q, k, v, **kw)
+  split = functools.partial(_split_call, parts=parts)
+  with mock.patch.object(partitioning, "call", split):
+    (_, got_aux), got_grads = _loss_and_grads(backend, q, k, v, **kw)
+  for got, want in zip(got_aux, want_aux):
+    assert_close(got, want, FORWARD)
+  for got, want in zip(got_grads, want_grads):
+    assert_close(got, want, GRAD)
+
+
 @pytest.mark.parametrize("backend,masks", [
     ("gpu", "per_example_and_head"), ("gpu", "shared_mask"),
     ("tpu", "per_example_and_head")])
@@ -132,16 +148,7 @@ def test_split_over_batch_and_heads_equals_the_whole_call(backend, masks):
   """GQA (N=4, K=2), dropout, masks split with the batch and heads or
   shared by all: 2 x 2 shards give the unsplit call's output, lse and
   gradients, dropout bits included."""
-  q, k, v, key = _inputs()
-  kw = dict(_mask_kwargs(masks, 4, 16, 12, 4, key), dropout_rate=0.3,
-            dropout_rng=jax.random.key(7))
-  (_, want_aux), want_grads = _loss_and_grads(backend, q, k, v, **kw)
-  with mock.patch.object(partitioning, "call", _split_call):
-    (_, got_aux), got_grads = _loss_and_grads(backend, q, k, v, **kw)
-  for got, want in zip(got_aux, want_aux):
-    assert_close(got, want, FORWARD)
-  for got, want in zip(got_grads, want_grads):
-    assert_close(got, want, GRAD)
+  _assert_split_equals_whole(backend, masks, K=2, parts=(2, 2))
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
@@ -151,17 +158,8 @@ def test_query_heads_split_over_shared_kv_heads(backend, K, parts):
   each shard reads the one kv head its query heads share, and the kv
   heads' gradients are summed over the shards; with dropout and per-head
   masks, the unsplit call's output, lse and gradients."""
-  q, k, v, key = _inputs(K=K)
-  kw = dict(_mask_kwargs("per_example_and_head", 4, 16, 12, 4, key),
-            dropout_rate=0.3, dropout_rng=jax.random.key(7))
-  (_, want_aux), want_grads = _loss_and_grads(backend, q, k, v, **kw)
-  split = functools.partial(_split_call, parts=parts)
-  with mock.patch.object(partitioning, "call", split):
-    (_, got_aux), got_grads = _loss_and_grads(backend, q, k, v, **kw)
-  for got, want in zip(got_aux, want_aux):
-    assert_close(got, want, FORWARD)
-  for got, want in zip(got_grads, want_grads):
-    assert_close(got, want, GRAD)
+  _assert_split_equals_whole(backend, "per_example_and_head", K=K,
+                             parts=parts)
 
 
 def test_split_without_dropout_needs_no_offsets():
