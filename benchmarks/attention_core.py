@@ -268,7 +268,12 @@ def op_profile(compiled, args, calls: int = 5) -> dict:
   equal it, ops ran one at a time, each perhaps on several threads inside.
   Small ops read long in a trace: an ``(8, 64, 64)`` masked exp showed about
   140 us here but costs 15-19 us per iteration of a plain ``fori_loop``, so
-  decide between variants by interleaved wall times.
+  decide between variants by interleaved wall times. Matmuls that XLA runs
+  on Eigen rather than YNNPACK (:mod:`benchmarks.dot_libraries`: those
+  whose left operand contracts its first dim, such as the backward's dQ^T)
+  run as tasks on Eigen's threads, and their event can cover little more
+  than the launch: with YNNPACK off, the forward's four ``p @ v`` products
+  of T=1024 (1.07 GFLOP) read 1.1 ms in all. Read those times as a floor.
 
   Args:
     compiled: a ``jax.stages.Compiled``.
