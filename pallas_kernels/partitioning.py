@@ -235,7 +235,6 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
       return tuple(kernel(shard, *tree.unflatten(flat)))
     kv_head = shard.head_offset // (N // K)
     flat = one_kv_head(flat, kernel_roles, kv_head)
-    shard = dataclasses.replace(shard, K=1)
     results = place_kv_head(kernel(shard, *tree.unflatten(flat)), out_roles,
                             kv_head, K)
     return tuple(jax.lax.psum(x, heads_axes) if "k" in r else x
@@ -256,12 +255,13 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     batch, heads, kv_heads = plan(mesh, arg_shapes)
+    # Query heads split alone: each shard reads one kv head.
+    heads_alone = heads if heads != kv_heads else ()
     sizes = (B // _size(mesh, batch), N // _size(mesh, heads),
-             K // _size(mesh, kv_heads))
+             1 if heads_alone else K // _size(mesh, kv_heads))
     arg_shardings = tuple(
         _sharding(mesh, r, batch, heads, kv_heads, s.sharding)
         for r, s in zip(role_leaves, arg_shapes))
-    heads_alone = heads if heads != kv_heads else ()
     return (mesh, lambda *flat: local(sizes, heads_alone, *flat),
             result_shardings(mesh, arg_shapes, batch, heads, kv_heads),
             arg_shardings)
