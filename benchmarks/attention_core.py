@@ -49,7 +49,6 @@ import platform
 import re
 import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -105,12 +104,6 @@ def _inputs(T: int):
                for r in jax.random.split(jax.random.key(T), 4))
 
 
-def _time_once(fn, *args) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - start
-
-
 def _useful_flops(T: int, causal: bool, backward: bool) -> float:
   pairs = T * (T + 1) / 2 if causal else T * T
   return B * N * pairs * H * (14 if backward else 4)
@@ -133,14 +126,9 @@ def run(seq_lengths, rounds: int):
                 for impl in IMPLS}
         runners = {impl: (fns[impl], (q, k, v)) for impl in IMPLS}
         runners["matmul"] = (matmul, (a, a))
-        times = {key: [] for key in runners}
         for fn, fn_args in runners.values():  # warm-up
-          _time_once(fn, *fn_args)
-        for order in rounds_lib.orders(list(runners), rounds):
-          for key in order:
-            fn, fn_args = runners[key]
-            times[key].append(_time_once(fn, *fn_args))
-        med = {impl: statistics.median(ts) for impl, ts in times.items()}
+          rounds_lib.time_once(fn, *fn_args)
+        med = rounds_lib.median_times(runners, rounds)
         row = dict(
             T=T, S=T, B=B, N=N, H=H, mask="causal" if causal else "full",
             pass_="fwd+bwd" if backward else "fwd", rounds=rounds,
@@ -172,15 +160,12 @@ def sweep(seq_lengths, rounds: int, candidates=SWEEP_CANDIDATES):
       fns = {(causal, c): _compiled("blockwise", q, k, v, target, causal,
                                     backward, blockwise.BlockSizes(*c))
              for causal in (False, True) for c in candidates}
-      times = {key: [] for key in fns}
       for fn in fns.values():  # warm-up
-        _time_once(fn, q, k, v)
-      for order in rounds_lib.orders(list(fns), rounds):
-        for key in order:
-          times[key].append(_time_once(fns[key], q, k, v))
+        rounds_lib.time_once(fn, q, k, v)
+      med = rounds_lib.median_times(
+          {key: (fn, (q, k, v)) for key, fn in fns.items()}, rounds)
       for c in candidates:
-        full, causal = (statistics.median(times[(m, c)]) * 1e3
-                        for m in (False, True))
+        full, causal = (med[(m, c)] * 1e3 for m in (False, True))
         rows.append(dict(T=T, pass_="fwd+bwd" if backward else "fwd",
                          block_sizes=c, full_ms=full, causal_ms=causal))
         print(f"| {T} | {rows[-1]['pass_']} | {c} | {full:.1f} | "
@@ -290,7 +275,7 @@ def op_profile(compiled, args, calls: int = 5) -> dict:
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(calls):
-        walls.append(_time_once(compiled, *args))
+        walls.append(rounds_lib.time_once(compiled, *args))
     paths = [os.path.join(root, f) for root, _, files in os.walk(trace_dir)
              for f in files if f.endswith(".xplane.pb")]
     if not paths:

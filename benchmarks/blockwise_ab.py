@@ -30,7 +30,6 @@ import argparse
 import importlib.util
 import itertools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,14 +102,11 @@ def compare(modules: dict, B: int, T: int, rounds: int, N: int = 8,
     differences[(p, m)] = max(
         _max_relative_difference(programs[(p, m, ver)](q, k, v), base)
         for ver in VERSIONS[1:])
-  times = {key: [] for key in programs}
-  for order in rounds_lib.orders(list(programs), rounds):
-    for key in order:
-      times[key].append(attention_core._time_once(programs[key], q, k, v))
+  med = rounds_lib.median_times(
+      {key: (fn, (q, k, v)) for key, fn in programs.items()}, rounds)
   rows = []
   for p, m in cases:
-    ms = {ver: statistics.median(times[(p, m, ver)]) * 1e3
-          for ver in VERSIONS}
+    ms = {ver: med[(p, m, ver)] * 1e3 for ver in VERSIONS}
     rows.append({"B": B, "T": T, "pass": p, "mask": m, "ms": ms,
                  "new/base": ms["new"] / ms["base"],
                  "control/base": ms["control"] / ms["base"],

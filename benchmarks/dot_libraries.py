@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import statistics
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import attention_core
 from benchmarks import compare
 from benchmarks import rounds as rounds_lib
 
@@ -84,14 +82,12 @@ def run(impls, scope: str, modes, masks, batches, seq_lengths,
       jax.block_until_ready(compiled(*args))  # warm-up
       programs[(config, version)] = compiled
       ynn[(config, version)] = compiled.as_text().count(_YNN_KIND)
-  times = {key: [] for key in programs}
-  for order in rounds_lib.orders(list(programs), rounds):
-    for key in order:
-      times[key].append(attention_core._time_once(programs[key],
-                                                  *arguments[key[0]]))
+  med = rounds_lib.median_times(
+      {key: (compiled, arguments[key[0]])
+       for key, compiled in programs.items()}, rounds)
   rows = []
   for config in configs:
-    ms = {v: statistics.median(times[(config, v)]) * 1e3 for v in VERSIONS}
+    ms = {v: med[(config, v)] * 1e3 for v in VERSIONS}
     name, mode, mask, B, T = config
     rows.append(dict(impl=name, scope=scope, mode=mode, mask=mask, B=B, T=T,
                      ms=ms, eigen_ratio=ms["eigen"] / ms["default"],
@@ -130,14 +126,9 @@ def matmul_forms(rows: int, cols: int, rounds: int, heads: int = 8,
     fn = jax.jit(functools.partial(loop, contract_lhs=contract))
     programs[form] = (_compile(fn, (lhs, q), options), (lhs, q))
     jax.block_until_ready(programs[form][0](lhs, q))
-  times = {form: [] for form in programs}
-  for order in rounds_lib.orders(list(programs), rounds):
-    for form in order:
-      compiled, args = programs[form]
-      times[form].append(attention_core._time_once(compiled, *args))
+  med = rounds_lib.median_times(programs, rounds)
   flops = 2.0 * steps * heads * rows * cols * H
-  return {form: flops / statistics.median(t) / 1e9
-          for form, t in times.items()}
+  return {form: flops / t / 1e9 for form, t in med.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:

@@ -12,7 +12,11 @@ nearly always the same predecessor.
 from __future__ import annotations
 
 import random
-from typing import Hashable, Iterator, Sequence
+import statistics
+import time
+from typing import Hashable, Iterator, Mapping, Sequence
+
+import jax
 
 
 def orders(keys: Sequence[Hashable], rounds: int,
@@ -27,3 +31,27 @@ def orders(keys: Sequence[Hashable], rounds: int,
     order = list(keys)
     rng.shuffle(order)
     yield order
+
+
+def time_once(fn, *args) -> float:
+  """Seconds of one call ``fn(*args)``, until its results are ready."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def median_times(runners: Mapping[Hashable, tuple], rounds: int,
+                 seed: int = 0) -> dict:
+  """Median seconds per call of each ``runners[key] = (fn, args)``, timed
+  once per round in the :func:`orders` of ``rounds`` rounds. No warm-up:
+  call each program once before.
+
+  >>> sorted(median_times({"a": (abs, (-1,)), "b": (abs, (2,))}, 3))
+  ['a', 'b']
+  """
+  times = {key: [] for key in runners}
+  for order in orders(list(runners), rounds, seed):
+    for key in order:
+      fn, args = runners[key]
+      times[key].append(time_once(fn, *args))
+  return {key: statistics.median(t) for key, t in times.items()}
