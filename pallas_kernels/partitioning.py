@@ -29,10 +29,14 @@ Roles: each operand and result names its dims with one character each:
 that is never split (lengths, head dims, a broadcast dim of size 1).
 
 The wrapper steps aside (calls the kernel on the whole problem) on one
-device, inside ``shard_map`` (the kernel already sees one shard), under
-``vmap`` (custom partitioning has no batching rule; Pallas batches the
-kernel itself) and for the TPU interpreter (its callbacks cannot be
-partitioned), so the kernels behave as before there.
+device, inside a ``shard_map`` manual over every mesh axis (the kernel
+already sees one shard), under ``vmap`` (custom partitioning has no
+batching rule; Pallas batches the kernel itself) and for the TPU
+interpreter (its callbacks cannot be partitioned), so the kernels behave
+as before there. Inside a ``shard_map`` manual over some axes only (the
+ring's, under ``jax.set_mesh`` with Auto axes) it splits over the others
+as above, but never sums shared kv heads' gradients there
+(:func:`_mesh_from_tiles`).
 """
 
 from __future__ import annotations
@@ -104,14 +108,54 @@ def _size(mesh, axes: tuple[str, ...]) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def _plan(mesh, lead_sharding, lead_roles: str, B: int, N: int, K: int):
+def _mesh_from_tiles(sharding, shape) -> tuple[Mesh, PartitionSpec]:
+  """``(mesh, spec)`` for a sharding without a named mesh, made from its
+  tiles.
+
+  Inside a ``shard_map`` that leaves some mesh axes to XLA (the ring's
+  over one axis, under ``jax.set_mesh`` with others Auto), the partitioner
+  hands the kernel an empty mesh and a GSPMD sharding whose tiles number
+  the devices of one manual group. The mesh made for it has one axis per
+  split dim (``"dim0"``, ...) and one for replicas, in the tiles' device
+  order; a sharding it cannot read so (a permuted device order) runs
+  replicated, as any sharding did before.
+  """
+  devices = sorted(sharding.device_set, key=lambda d: d.id)
+  replicated = Mesh(np.array(devices), ("replica",)), PartitionSpec()
+  try:
+    # pylint: disable-next=protected-access
+    hlo = sharding._to_xla_hlo_sharding(len(shape))
+  except (AttributeError, TypeError, ValueError):
+    return replicated
+  if not hlo.is_tiled() or hlo.is_manual():
+    return replicated
+  tiles = tuple(hlo.tile_assignment_dimensions())
+  # Tile dims past the array's: replicas (manual or unreduced ones refuse).
+  extra = [t.name for t in hlo.subgroup_types()]
+  if hlo.replicate_on_last_tile_dim():
+    extra = ["REPLICATED"]
+  if (any(t != "REPLICATED" for t in extra)
+      or len(tiles) != len(shape) + len(extra)
+      or list(hlo.tile_assignment_devices()) != list(range(math.prod(tiles)))
+      or math.prod(tiles) > len(devices)):
+    return replicated
+  split = [d for d in range(len(shape)) if tiles[d] > 1]
+  names = tuple(f"dim{d}" for d in split)
+  grid = np.array(devices[:math.prod(tiles)]).reshape(
+      tuple(tiles[d] for d in split) + (math.prod(tiles[len(shape):]),))
+  spec = [None] * len(shape)
+  for d, name in zip(split, names):
+    spec[d] = name
+  return Mesh(grid, names + ("replica",)), PartitionSpec(*spec)
+
+
+def _plan(mesh, spec, lead_roles: str, B: int, N: int, K: int, *,
+          sum_kv_heads: bool = True):
   """``(batch_axes, head_axes, kv_head_axes)``: the mesh axes to split
   batch, query heads and kv heads over, read from the leading operand's
-  sharding. ``kv_head_axes`` is ``head_axes``, or ``()`` when each device's
-  query heads share one kv head of the whole set."""
-  spec = getattr(lead_sharding, "spec", None)
-  if mesh.empty or spec is None:
-    return (), (), ()
+  ``spec``. ``kv_head_axes`` is ``head_axes``, or ``()`` when each
+  device's query heads share one kv head of the whole set, which needs a
+  sum over ``head_axes`` (``sum_kv_heads``)."""
   spec = tuple(spec) + (None,) * (len(lead_roles) - len(tuple(spec)))
   batch = _axes(spec[lead_roles.index("b")])
   heads = _axes(spec[lead_roles.index("n")])
@@ -120,7 +164,7 @@ def _plan(mesh, lead_sharding, lead_roles: str, B: int, N: int, K: int):
   n = _size(mesh, heads)
   if N % n == 0 and K % n == 0:
     return batch, heads, heads
-  if N % n == 0 and n % K == 0:
+  if N % n == 0 and n % K == 0 and sum_kv_heads:
     return batch, heads, ()
   return batch, (), ()
 
@@ -144,13 +188,8 @@ def place_kv_head(results, roles, kv_head, K: int):
   return [place(x, r) if "k" in r else x for x, r in zip(results, roles)]
 
 
-def _sharding(mesh, roles: str, batch, heads, kv_heads, like):
+def _sharding(mesh, roles: str, batch, heads, kv_heads):
   """The sharding of an operand with ``roles`` under the plan."""
-  if not isinstance(mesh, Mesh) or mesh.empty:
-    # No named mesh (GSPMD shardings): run replicated on the same devices.
-    devices = sorted(like.device_set, key=lambda d: d.id)
-    return NamedSharding(Mesh(np.array(devices), ("replica",)),
-                         PartitionSpec())
   by_role = {"b": batch or None, "n": heads or None, "k": kv_heads or None}
   return NamedSharding(
       mesh, PartitionSpec(*(by_role.get(r) for r in roles)))
@@ -174,12 +213,14 @@ def _sharding_rule(roles: Sequence[str], out_roles: Sequence[str]) -> str:
 
 
 def _steps_aside() -> bool:
-  """One device, or inside ``shard_map``: nothing to partition."""
+  """One device, or inside a ``shard_map`` manual over every axis that
+  has more than one device: nothing to partition."""
   if jax.device_count() == 1:
     return True
   mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and any(
-      t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+  return not mesh.empty and all(
+      t == jax.sharding.AxisType.Manual or mesh.shape[a] == 1
+      for a, t in zip(mesh.axis_names, mesh.axis_types))
 
 
 def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
@@ -245,30 +286,38 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
     return local((B, N, K), (), *flat)
 
   def plan(mesh, arg_shapes):
-    return _plan(mesh, arg_shapes[0].sharding, lead_roles, B, N, K)
+    """``(mesh, batch_axes, head_axes, kv_head_axes)``."""
+    lead = arg_shapes[0]
+    named = (isinstance(mesh, Mesh) and not mesh.empty
+             and jax.sharding.AxisType.Manual not in mesh.axis_types
+             and hasattr(lead.sharding, "spec"))
+    mesh, spec = ((mesh, lead.sharding.spec) if named
+                  else _mesh_from_tiles(lead.sharding, lead.shape))
+    # On a mesh made from tiles (inside a partly manual shard_map), XLA
+    # numbers a shard's collective by the devices of one manual group
+    # and rejects it: no kv-head sum there.
+    return (mesh, *_plan(mesh, spec, lead_roles, B, N, K,
+                         sum_kv_heads=named))
 
-  def result_shardings(mesh, arg_shapes, batch, heads, kv_heads):
-    return tuple(
-        _sharding(mesh, r, batch, heads, kv_heads, arg_shapes[0].sharding)
-        for r in out_roles)
+  def result_shardings(mesh, batch, heads, kv_heads):
+    return tuple(_sharding(mesh, r, batch, heads, kv_heads)
+                 for r in out_roles)
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    batch, heads, kv_heads = plan(mesh, arg_shapes)
+    mesh, batch, heads, kv_heads = plan(mesh, arg_shapes)
     # Query heads split alone: each shard reads one kv head.
     heads_alone = heads if heads != kv_heads else ()
     sizes = (B // _size(mesh, batch), N // _size(mesh, heads),
              1 if heads_alone else K // _size(mesh, kv_heads))
-    arg_shardings = tuple(
-        _sharding(mesh, r, batch, heads, kv_heads, s.sharding)
-        for r, s in zip(role_leaves, arg_shapes))
+    arg_shardings = tuple(_sharding(mesh, r, batch, heads, kv_heads)
+                          for r in role_leaves)
     return (mesh, lambda *flat: local(sizes, heads_alone, *flat),
-            result_shardings(mesh, arg_shapes, batch, heads, kv_heads),
-            arg_shardings)
+            result_shardings(mesh, batch, heads, kv_heads), arg_shardings)
 
   def infer(mesh, arg_shapes, result_shape):
     del result_shape
-    return result_shardings(mesh, arg_shapes, *plan(mesh, arg_shapes))
+    return result_shardings(*plan(mesh, arg_shapes))
 
   partitioned.def_partition(
       partition, infer_sharding_from_operands=infer,

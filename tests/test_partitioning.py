@@ -16,12 +16,10 @@ call (forward, log-sum-exp and gradients). The multi-device checks
 from __future__ import annotations
 
 import functools
-import types
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 from jax.sharding import PartitionSpec as P
@@ -182,28 +180,31 @@ def test_split_without_dropout_needs_no_offsets():
 
 def test_the_plan_follows_the_leading_operand():
   mesh = AbstractMesh((2, 4), ("data", "model"))
-  spec = lambda *s: types.SimpleNamespace(spec=P(*s))
   plan = functools.partial(partitioning._plan, mesh)  # pylint: disable=protected-access
-  assert plan(spec("data", None, "model"), "b.n.", 4, 8, 4) == (
+  assert plan(P("data", None, "model"), "b.n.", 4, 8, 4) == (
       ("data",), ("model",), ("model",))
   # K=2 kv heads do not split 4 ways: the query heads do, each pair of
   # devices sharing one kv head; so does MQA (K=1).
-  assert plan(spec("data", None, "model"), "b.n.", 4, 8, 2) == (
+  assert plan(P("data", None, "model"), "b.n.", 4, 8, 2) == (
       ("data",), ("model",), ())
-  assert plan(spec("data", None, "model"), "b.n.", 4, 8, 1) == (
+  assert plan(P("data", None, "model"), "b.n.", 4, 8, 1) == (
       ("data",), ("model",), ())
+  # Where the shards may not sum the kv heads' gradients (inside a partly
+  # manual shard_map), such heads stay whole.
+  assert plan(P("data", None, "model"), "b.n.", 4, 8, 1,
+              sum_kv_heads=False) == (("data",), (), ())
   # K=3 kv heads neither split 4 ways nor divide them: heads stay whole,
   # batch still splits; so do N=6 query heads.
-  assert plan(spec("data", None, "model"), "b.n.", 4, 12, 3) == (
+  assert plan(P("data", None, "model"), "b.n.", 4, 12, 3) == (
       ("data",), (), ())
-  assert plan(spec("data", None, "model"), "b.n.", 4, 6, 2) == (
+  assert plan(P("data", None, "model"), "b.n.", 4, 6, 2) == (
       ("data",), (), ())
   # An odd batch does not split; both axes on the batch do.
-  assert plan(spec("data", None, "model"), "b.n.", 3, 8, 8) == (
+  assert plan(P("data", None, "model"), "b.n.", 3, 8, 8) == (
       (), ("model",), ("model",))
-  assert plan(spec(("data", "model")), "b.n.", 8, 8, 8) == (
+  assert plan(P(("data", "model")), "b.n.", 8, 8, 8) == (
       ("data", "model"), (), ())
-  assert plan(spec(), "b.n.", 8, 8, 8) == ((), (), ())
+  assert plan(P(), "b.n.", 8, 8, 8) == ((), (), ())
 
 
 def test_sharding_rule_shares_batch_and_head_factors():

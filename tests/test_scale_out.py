@@ -316,7 +316,8 @@ MULTIDEVICE = {
                            "ring_needs_less_memory_than_gathered")),
     "kernel_partitioning": ("partitioning_checks", (
         "kernel_splits_over_batch_and_heads",
-        "layer_with_flash_under_explicit_mesh_gathers_nothing")),
+        "layer_with_flash_under_explicit_mesh_gathers_nothing",
+        "ring_kernels_split_over_the_other_auto_axes")),
 }
 SLOW_MULTIDEVICE = {
     "ring_more": ("ring_checks", (

@@ -147,5 +147,49 @@ def layer_with_flash_under_explicit_mesh_gathers_nothing():
   assert " all-gather(" not in compiled.as_text(), collectives(compiled)
 
 
+@check
+def ring_kernels_split_over_the_other_auto_axes():
+  """Context parallelism under ``jax.set_mesh`` with Auto axes: the ring
+  runs in a ``shard_map`` manual over its own axis only, and the kernels
+  inside it (forced, interpret mode) split over the batch- and
+  heads-sharded axes XLA still partitions. Loss and grads equal one
+  device's. With K=4 or 2 kv heads nothing is gathered (60 all-gathers
+  before, every kernel call's operands); with one kv head the query
+  heads are gathered (the shards could not sum the kv head's gradients
+  there) and the batch still splits."""
+  mesh = jax.make_mesh((2, 2, 2), ("data", "model", "seq"),
+                       axis_types=(AUTO,) * 3)
+  r = jax.random.split(jax.random.key(3), 2)
+  x = jax.random.normal(r[0], (4, 32, 16))
+  for K in (4, 2, 1):
+    cfg = jaxmha.MHAConfig(num_heads=4, key_dim=8, num_key_value_heads=K,
+                           flash_attention=True)
+    params = jaxmha.init_params(r[1], cfg, x.shape, x.shape)
+
+    def loss(p, x, cfg):
+      out = jaxmha.apply(p, cfg, x, x, use_causal_mask=True)
+      return jnp.mean(out ** 2)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)),
+                   static_argnums=2)
+    want = step(params, x, cfg)
+    axes = {"heads": "model", **({"kv_heads": "model"} if K > 1 else {})}
+    ring = cfg.replace(context_parallel_axis="seq")
+    with jax.set_mesh(mesh):
+      sharded = jaxmha.shard_params(params, mesh, axes)
+      xs = jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
+      compiled = step.lower(sharded, xs, ring).compile()
+      got = compiled(sharded, xs)
+    assert_close(got[0], want[0], err_msg=f"K={K}")
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+      assert_close(g, w, GRAD, err_msg=f"K={K}")
+    gathers = collectives(compiled)["other"].get("all-gather", 0)
+    if K > 1:
+      assert gathers == 0, (K, collectives(compiled))
+    else:
+      # Only the query heads' operands: q, out, d_out and the lse rows.
+      assert 0 < gathers < 60, (K, collectives(compiled))
+
+
 if __name__ == "__main__":
   main(__name__)
