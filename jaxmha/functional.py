@@ -199,6 +199,18 @@ def float_dtype(name: str, dtype) -> jnp.dtype:
   return resolved
 
 
+def check_module_args(seed, dtype, param_dtype) -> None:
+  """The checks the Flax modules share: ``seed`` None or an int, ``dtype``
+  None or a float dtype, ``param_dtype`` a float dtype."""
+  if seed is not None and (not isinstance(seed, int)
+                           or isinstance(seed, bool)):
+    raise TypeError(f"`seed` must be None or an int. Received: "
+                    f"seed={seed!r}")
+  float_dtype("param_dtype", param_dtype)
+  if dtype is not None:
+    float_dtype("dtype", dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Call:
   """A validated call: projected inputs in the kernel layout."""

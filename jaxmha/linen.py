@@ -156,13 +156,7 @@ class MultiHeadAttention(nn.Module):
       regularizers.get_regularizer(getattr(self, name), name)
     for name in _CONSTRAINT_ARGS:
       regularizers.get_constraint(getattr(self, name), name)
-    functional.float_dtype("param_dtype", self.param_dtype)
-    if self.dtype is not None:
-      functional.float_dtype("dtype", self.dtype)
-    if self.seed is not None and (not isinstance(self.seed, int)
-                                  or isinstance(self.seed, bool)):
-      raise TypeError(f"`seed` must be None or an int. Received: "
-                      f"seed={self.seed!r}")
+    functional.check_module_args(self.seed, self.dtype, self.param_dtype)
     super().__post_init__()
 
   @property

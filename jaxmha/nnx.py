@@ -122,16 +122,11 @@ class MultiHeadAttention(nnx.Module):
         kernel_initializer=kernel_initializer,
         bias_initializer=bias_initializer,
         num_key_value_heads=num_key_value_heads)
-    if seed is not None and (not isinstance(seed, int)
-                             or isinstance(seed, bool)):
-      raise TypeError(f"`seed` must be None or an int. Received: "
-                      f"seed={seed!r}")
+    functional.check_module_args(seed, dtype, param_dtype)
     if not isinstance(rngs, nnx.Rngs):
       raise TypeError(f"`rngs` must be an nnx.Rngs; got "
                       f"{type(rngs).__name__}.")
-    param_dtype = functional.float_dtype("param_dtype", param_dtype)
-    if dtype is not None:
-      functional.float_dtype("dtype", dtype)
+    param_dtype = jnp.dtype(param_dtype)
     value_features = query_features if value_features is None else (
         value_features)
     key_features = value_features if key_features is None else key_features

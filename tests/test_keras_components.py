@@ -111,6 +111,10 @@ def test_regularization_loss_sums_losses_only():
                               activity_regularizer=0.1)
   with pytest.raises(TypeError, match="param_dtype=int32"):
     jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, param_dtype="int32")
+  with pytest.raises(TypeError, match="dtype=int8"):
+    jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, dtype="int8")
+  with pytest.raises(TypeError, match="seed=True"):
+    jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, seed=True)
 
 
 def test_regularizer_names():

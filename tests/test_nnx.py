@@ -239,6 +239,9 @@ def test_errors_name_the_argument():
   with pytest.raises(TypeError, match="seed"):
     MultiHeadAttention(num_heads=2, key_dim=4, seed="x", query_features=8,
                        rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="param_dtype=int32"):
+    MultiHeadAttention(num_heads=2, key_dim=4, query_features=8,
+                       param_dtype="int32", rngs=nnx.Rngs(0))
   layer = MultiHeadAttention(num_heads=2, key_dim=4, query_features=8,
                              rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"query_features.*\(2, 5, 6\)"):
