@@ -40,7 +40,6 @@ import jax.numpy as jnp
 
 from benchmarks import attention_core
 from benchmarks import rounds as rounds_lib
-from pallas_kernels import common
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MODULE = "pallas_kernels/blockwise.py"

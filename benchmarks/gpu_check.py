@@ -390,7 +390,7 @@ def run_sweep(shape: AttentionShape, configs, interpret: bool,
 
 
 def _markdown(report: dict) -> str:
-  lines = [f"# GPU check of the Triton flash-attention kernel", "",
+  lines = ["# GPU check of the Triton flash-attention kernel", "",
            f"- device: {report['env']['device']}",
            f"- jax {report['env']['jax']}, mode: {report['env']['mode']}",
            f"- elapsed: {report.get('elapsed_s', 0):.0f} s", ""]

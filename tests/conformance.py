@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -25,7 +25,6 @@ import pytest
 
 import pallas_kernels
 from benchmarks.shapes import CONFORMANCE, AttentionShape
-from pallas_kernels import common
 from pallas_kernels import gpu_triton
 from pallas_kernels import masks as masks_lib
 from pallas_kernels.masks import MaskSpec
