@@ -234,7 +234,13 @@ def _max(a, b):
 
 
 def _div(a, b: int):
-  """Floor division of a non-negative ``a`` by a positive int."""
+  """Division by a positive int, rounding toward zero: floor for ``a >= 0``.
+
+  Only the dK/dV kernel of a call split over query rows passes a negative
+  ``a`` (key positions shifted by the query offset). A negative quotient
+  rounded up there can only add one block that is visited with its mask:
+  :func:`inner_block_range` clamps its other bounds at 0 or above.
+  """
   return a // b if _is_static(a) else lax.div(a, jnp.int32(b))
 
 
@@ -417,6 +423,12 @@ def _scalar(refs, name):
   return refs[name][...] if name in refs else None
 
 
+def _q_offset(refs):
+  """The global index of local query row 0: nonzero when this call is one
+  shard of a problem split over query rows (``partitioning.Shard``)."""
+  return refs["q_off"][0] if "q_off" in refs else 0
+
+
 # -- forward ---------------------------------------------------------------
 
 
@@ -425,7 +437,8 @@ def _fwd_kernel(*refs, cfg: _Config, names):
   r = dict(zip(names, refs))
   bq, bk = cfg.bq, cfg.bk
   qb, b, n = _qb(cfg, pl.program_id(0), bq), pl.program_id(1), pl.program_id(2)
-  q_lo = qb * bq
+  q_off = _q_offset(r)
+  q_lo = q_off + qb * bq  # positions are global: bands, lengths, dropout
   q = r["q"][...]  # (bq, Hp)
   q_pos = q_lo + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
   q_valid, kv_valid = _scalar(r, "q_len"), _scalar(r, "kv_len")
@@ -482,7 +495,7 @@ def _fwd_kernel(*refs, cfg: _Config, names):
         lambda cr: cr, carry)
 
   lo, a, b_, hi = inner_block_range(
-      cfg.spec, q_lo, bq, cfg.T, bk, cfg.Sp // bk,
+      cfg.spec, q_lo, bq, q_off + cfg.T, bk, cfg.Sp // bk,
       cfg.Sp if kv_valid is None else kv_valid, q_valid,
       can_split="q_seg" not in r and "mask" not in r)
   carry = (jnp.zeros((bq, cfg.Hvp), jnp.float32),
@@ -521,13 +534,22 @@ def _pad_edge(x, axis: int, size: int):
   return jnp.pad(x, widths, mode="edge")
 
 
-def _mask_operands(cfg: _Config, data: masks_lib.MaskData, seeds):
-  """Padded kernel-ready mask arrays by name (absent ones left out)."""
+def _mask_operands(cfg: _Config, data: masks_lib.MaskData, seeds,
+                   q_offset=0):
+  """Padded kernel-ready mask arrays by name (absent ones left out).
+
+  ``q_offset`` (int32 scalar) places the call's query rows in a longer
+  sequence: the kernels then read it as ``"q_off"``.
+  """
   ops = {}
   if seeds is not None:
     ops["seeds"] = seeds.astype(jnp.int32)
+  if not (_is_static(q_offset) and q_offset == 0):
+    ops["q_off"] = jnp.reshape(q_offset, (1,)).astype(jnp.int32)
   if data.q_lengths is not None:
-    ops["q_len"] = jnp.clip(data.q_lengths, 0, cfg.T).astype(jnp.int32)
+    # Global, like the rows' positions: [q_offset, q_offset + T].
+    ops["q_len"] = jnp.clip(data.q_lengths, q_offset,
+                            q_offset + cfg.T).astype(jnp.int32)
   if data.kv_lengths is not None:
     ops["kv_len"] = jnp.clip(data.kv_lengths, 0, cfg.S).astype(jnp.int32)
   if data.q_segment_ids is not None:
@@ -588,6 +610,8 @@ def _mask_spec_fwd(cfg: _Config, ops, bq, qmap):
   specs = {}
   if "seeds" in ops:
     specs["seeds"] = pl.BlockSpec((4,), lambda i, b, n: (0,))
+  if "q_off" in ops:
+    specs["q_off"] = pl.BlockSpec((1,), lambda i, b, n: (0,))
   for name in ("q_len", "kv_len"):
     if name in ops:
       specs[name] = pl.BlockSpec((None,), lambda i, b, n: (b,))
@@ -602,8 +626,9 @@ def _mask_spec_fwd(cfg: _Config, ops, bq, qmap):
   return {k: (ops[k], specs[k]) for k in ops}
 
 
-def _forward(cfg: _Config, q, k, v, data, seeds):
-  """Padded forward: ``out (B, T, N, Hv)``, ``lse (B, N, T)`` float32."""
+def _forward(cfg: _Config, q, k, v, data, seeds, q_offset=0):
+  """Padded forward: ``out (B, T, N, Hv)``, ``lse (B, N, T)`` float32;
+  ``q_offset`` as in :func:`_mask_operands`."""
   G = cfg.G
   qp = _pad(q, {1: cfg.Tp, 3: cfg.Hp})  # (B, Tp, N, Hp)
   kp = _pad(k, {1: cfg.Sp, 3: cfg.Hp})  # (B, Sp, K, Hp)
@@ -618,8 +643,8 @@ def _forward(cfg: _Config, q, k, v, data, seeds):
       "v": (vp, pl.BlockSpec((None, cfg.Sp, None, cfg.Hvp),
                              lambda i, b, n: (b, 0, kvh(n), 0))),
   }
-  operands.update(_mask_spec_fwd(cfg, _mask_operands(cfg, data, seeds),
-                                 cfg.bq, qmap))
+  operands.update(_mask_spec_fwd(
+      cfg, _mask_operands(cfg, data, seeds, q_offset), cfg.bq, qmap))
   out_specs = {
       "o": pl.BlockSpec((None, cfg.bq, None, cfg.Hvp),
                         lambda i, b, n: (b, qmap(i), n, 0)),
@@ -658,9 +683,14 @@ def _dkv_kernel(*refs, cfg: _Config, names):
   seeds = _seed_words(r)
   c = cfg.scale * LOG2E
   split = "q_seg" not in r and "mask" not in r
+  # The query blocks are local and their positions start at q_off: in key
+  # positions shifted by -q_off the band is the same, and the range of
+  # local query blocks comes out directly.
+  q_off = _q_offset(r)
   lo, a, b_, hi = inner_block_range(
-      _transposed(cfg.spec), k_lo, bk, cfg.S, bq, cfg.Tp // bq,
-      cfg.T if q_valid is None else q_valid, kv_valid, can_split=split)
+      _transposed(cfg.spec), k_lo - q_off, bk, cfg.S - q_off, bq,
+      cfg.Tp // bq, cfg.T if q_valid is None else q_valid - q_off,
+      None if kv_valid is None else kv_valid - q_off, can_split=split)
 
   def per_head(g, carry):
     n = kh * G + g
@@ -673,7 +703,7 @@ def _dkv_kernel(*refs, cfg: _Config, names):
       do = r["do"][rows, g, :]  # (bq, Hvp)
       lse2 = r["lse2"][g, rows]  # (bq,) base-2 lse
       delta = r["delta"][g, rows]  # (bq,) rowsum(dO * O) - dlse
-      q_pos = q_lo + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+      q_pos = q_off + q_lo + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
       if masked and "q_len" in r:  # rows past q_lengths may be garbage
         q = _zero_rows(q, q_pos, q_valid)
       s = _dot(q, k, tb=True, precision=cfg.precision) * c  # (bq, bk)
@@ -733,7 +763,8 @@ def _dq_kernel(*refs, cfg: _Config, names):
   r = dict(zip(names, refs))
   bq, bk = cfg.bq_dq, cfg.bk_dq
   qb, b, n = _qb(cfg, pl.program_id(0), bq), pl.program_id(1), pl.program_id(2)
-  q_lo = qb * bq
+  q_off = _q_offset(r)
+  q_lo = q_off + qb * bq  # global, as in the forward
   q = r["q"][...]  # (bq, Hp)
   do = r["do"][...]  # (bq, Hvp)
   lse2 = r["lse2"][...]  # (bq,)
@@ -785,14 +816,14 @@ def _dq_kernel(*refs, cfg: _Config, names):
                     lambda d: d, dq)
 
   lo, a, b_, hi = inner_block_range(
-      cfg.spec, q_lo, bq, cfg.T, bk, cfg.Sp // bk,
+      cfg.spec, q_lo, bq, q_off + cfg.T, bk, cfg.Sp // bk,
       cfg.Sp if kv_valid is None else kv_valid, q_valid, can_split=split)
   dq = _run_split(lo, a, b_, hi, body, jnp.zeros((bq, cfg.Hp), jnp.float32),
                   0 * qb)
   r["dq"][...] = (dq * cfg.scale).astype(r["dq"].dtype)
 
 
-def _backward(cfg: _Config, res, cotangents):
+def _backward(cfg: _Config, res, cotangents, q_offset=0):
   q, k, v, data, seeds, out, lse = res
   d_out, d_lse = cotangents
   G = cfg.G
@@ -808,7 +839,7 @@ def _backward(cfg: _Config, res, cotangents):
   dop = _pad(d_out.astype(q.dtype), {1: cfg.Tp, 3: cfg.Hvp})  # (B, Tp, N, Hvp)
   lse2 = _pad(lse2, {2: cfg.Tp})  # (B, N, Tp)
   delta = _pad(delta, {2: cfg.Tp})  # (B, N, Tp)
-  ops = _mask_operands(cfg, data, seeds)
+  ops = _mask_operands(cfg, data, seeds, q_offset)
 
   # dK, dV: grid (key block, b, kv head); the G query heads of kv head h are
   # the contiguous heads [h * G, (h + 1) * G).
@@ -829,6 +860,8 @@ def _backward(cfg: _Config, res, cotangents):
   specs = {}
   if "seeds" in ops:
     specs["seeds"] = pl.BlockSpec((4,), lambda j, b, h: (0,))
+  if "q_off" in ops:
+    specs["q_off"] = pl.BlockSpec((1,), lambda j, b, h: (0,))
   for name in ("q_len", "kv_len"):
     if name in ops:
       specs[name] = pl.BlockSpec((None,), lambda j, b, h: (b,))
@@ -885,8 +918,11 @@ def _backward(cfg: _Config, res, cotangents):
 
 
 def _local(cfg: _Config, shard: partitioning.Shard, seeds):
-  """The config of one batch/head shard, and its dropout operand."""
-  cfg = dataclasses.replace(cfg, B=shard.B, N=shard.N, K=shard.K)
+  """The config of one batch/query-row/head shard, and its dropout
+  operand."""
+  Tp = _round_up(shard.T, max(cfg.bq, cfg.bq_dkv, cfg.bq_dq))
+  cfg = dataclasses.replace(cfg, B=shard.B, T=shard.T, Tp=Tp, N=shard.N,
+                            K=shard.K)
   if seeds is not None:
     seeds = dropout_lib.with_offsets(seeds, shard.batch_offset,
                                      shard.head_offset)
@@ -901,31 +937,33 @@ def _roles(cfg: _Config, data, seeds):
 
 
 def _sharded_forward(cfg: _Config, q, k, v, data, seeds):
-  """:func:`_forward`, split over batch and heads under ``jit``."""
+  """:func:`_forward`, split over batch, query rows and heads under
+  ``jit``."""
   def kernel(shard, q, k, v, data, seeds):
     local_cfg, seeds = _local(cfg, shard, seeds)
-    return _forward(local_cfg, q, k, v, data, seeds)
+    return _forward(local_cfg, q, k, v, data, seeds, shard.q_offset)
 
   return partitioning.call(
       kernel, (q, k, v, data, seeds), _roles(cfg, data, seeds),
-      partitioning.OUT_LSE_ROLES, B=cfg.B, N=cfg.N, K=cfg.K,
+      partitioning.OUT_LSE_ROLES, B=cfg.B, T=cfg.T, N=cfg.N, K=cfg.K,
       offsets=seeds is not None)
 
 
 def _sharded_backward(cfg: _Config, res, cotangents):
-  """:func:`_backward`, split over batch and heads under ``jit``."""
+  """:func:`_backward`, split over batch, query rows and heads under
+  ``jit``."""
   q, k, v, data, seeds, out, lse = res
 
   def kernel(shard, q, k, v, data, seeds, out, lse, d_out, d_lse):
     local_cfg, seeds = _local(cfg, shard, seeds)
     return _backward(local_cfg, (q, k, v, data, seeds, out, lse),
-                     (d_out, d_lse))
+                     (d_out, d_lse), shard.q_offset)
 
   # out, lse, then their cotangents
   roles = _roles(cfg, data, seeds) + 2 * partitioning.OUT_LSE_ROLES
   return partitioning.call(
       kernel, (*res, *cotangents), roles, partitioning.QKV_ROLES,
-      B=cfg.B, N=cfg.N, K=cfg.K, offsets=seeds is not None)
+      B=cfg.B, T=cfg.T, N=cfg.N, K=cfg.K, offsets=seeds is not None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

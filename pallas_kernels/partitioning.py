@@ -1,4 +1,5 @@
-"""Batch and head parallelism for the Pallas kernels under ``jit``.
+"""Batch, head and query-sequence parallelism for the Pallas kernels under
+``jit``.
 
 Shape letters: B batch, T query length, S key/value length, N query heads,
 K key/value heads, H head dim.
@@ -7,8 +8,8 @@ A Pallas kernel lowers to one custom call, which XLA's SPMD partitioner
 cannot split: under ``jit`` over batch- or head-sharded operands it would
 gather them and run the whole problem on every device. :func:`call` wraps a
 kernel in ``jax.experimental.custom_partitioning`` instead, so that each
-device runs it on its own batch rows and heads, with no collective but the
-sum of shared kv heads' gradients below:
+device runs it on its own batch rows, heads and query rows, with no
+collective but the sums of kv gradients below:
 
 * batch is split over the mesh axes that shard the leading operand's batch
   dim (``q``'s), heads over those that shard its head dim when both ``N``
@@ -18,15 +19,22 @@ sum of shared kv heads' gradients below:
   heads are not: each device's query heads share one kv head, which it
   slices from the whole set (:func:`one_kv_head`), and the gradients of the
   kv heads are summed over the heads axes (:func:`place_kv_head`);
-* sequence and head-dim axes are never split: an operand sharded there is
-  gathered first (the kernels need whole rows of keys);
-* the kernel gets a :class:`Shard`: its local ``B, N, K`` and the global
-  index of its first batch row and head, so dropout draws the bits of the
-  absolute ``(b, n, i, j)``, as on one device.
+* query rows are split over the mesh axes that shard the leading operand's
+  query-length dim when ``T`` divides by their size (sequence-sharded
+  activations): each device runs its rows against all the keys, which are
+  gathered, and the kv gradients are summed over those axes. The kernel
+  places its rows by ``shard.q_offset`` (causal and window bands, lengths
+  and dropout bits are absolute);
+* key/value-length and head-dim axes are never split: an operand sharded
+  there is gathered first (the kernels need whole rows of keys);
+* the kernel gets a :class:`Shard`: its local ``B, T, N, K`` and the global
+  index of its first batch row, query row and head, so masks and dropout
+  see the absolute ``(b, n, i, j)``, as on one device.
 
 Roles: each operand and result names its dims with one character each:
-``"b"`` batch, ``"n"`` query heads, ``"k"`` key/value heads, ``"."`` a dim
-that is never split (lengths, head dims, a broadcast dim of size 1).
+``"b"`` batch, ``"t"`` query rows, ``"n"`` query heads, ``"k"`` key/value
+heads, ``"."`` a dim that is never split (key rows, head dims, a broadcast
+dim of size 1).
 
 The wrapper steps aside (calls the kernel on the whole problem) on one
 device, inside a ``shard_map`` manual over every mesh axis (the kernel
@@ -35,8 +43,8 @@ batching rule; Pallas batches the kernel itself) and for the TPU
 interpreter (its callbacks cannot be partitioned), so the kernels behave
 as before there. Inside a ``shard_map`` manual over some axes only (the
 ring's, under ``jax.set_mesh`` with Auto axes) it splits over the others
-as above, but never sums shared kv heads' gradients there
-(:func:`_mesh_from_tiles`).
+as above, but never sums kv gradients there (:func:`_mesh_from_tiles`): the
+backward keeps query rows and shared kv heads whole.
 """
 
 from __future__ import annotations
@@ -52,11 +60,11 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-_SPLIT_ROLES = ("b", "n", "k")
+_SPLIT_ROLES = ("b", "t", "n", "k")
 # The roles of the layout every kernel shares: q, out, d_out (B, T, N, H);
 # k, v, dk, dv (B, S, K, H); lse, d_lse (B, N, T).
-QKV_ROLES = ("b.n.", "b.k.", "b.k.")
-OUT_LSE_ROLES = ("b.n.", "bn.")
+QKV_ROLES = ("btn.", "b.k.", "b.k.")
+OUT_LSE_ROLES = ("btn.", "bnt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,28 +72,32 @@ class Shard:
   """The part of the problem one kernel call sees.
 
   Attributes:
-    B, N, K: local batch, query heads and key/value heads.
+    B, T, N, K: local batch, query rows, query heads and key/value heads.
     batch_offset: int32 scalar, the global index of local batch row 0.
     head_offset: int32 scalar, the global index of local query head 0.
+    q_offset: int32 scalar, the global index of local query row 0.
   """
   B: int
+  T: int
   N: int
   K: int
   batch_offset: Any = 0
   head_offset: Any = 0
+  q_offset: Any = 0
 
 
 def dense_mask_roles(mask, B: int, N: int) -> str:
   """Roles of a ``(#B, #N, T, S)`` mask: its batch and head dims split
-  when full, stay whole when broadcast (size 1)."""
+  when full, stay whole when broadcast (size 1); its rows split with the
+  query rows."""
   nb, nn = mask.shape[:2]
-  return ("b" if nb == B else ".") + ("n" if nn == N else ".") + ".."
+  return ("b" if nb == B else ".") + ("n" if nn == N else ".") + "t."
 
 
 def mask_data_roles(data, B: int, N: int):
   """Roles of a :class:`~pallas_kernels.masks.MaskData`'s arrays: a
   ``MaskData`` of role strings, None where ``data`` has no array."""
-  roles = {"q_segment_ids": "b.", "kv_segment_ids": "b.", "q_lengths": "b",
+  roles = {"q_segment_ids": "bt", "kv_segment_ids": "b.", "q_lengths": "b",
            "kv_lengths": "b"}
   if data.mask is not None:
     roles["mask"] = dense_mask_roles(data.mask, B, N)
@@ -149,24 +161,49 @@ def _mesh_from_tiles(sharding, shape) -> tuple[Mesh, PartitionSpec]:
   return Mesh(grid, names + ("replica",)), PartitionSpec(*spec)
 
 
-def _plan(mesh, spec, lead_roles: str, B: int, N: int, K: int, *,
-          sum_kv_heads: bool = True):
-  """``(batch_axes, head_axes, kv_head_axes)``: the mesh axes to split
-  batch, query heads and kv heads over, read from the leading operand's
-  ``spec``. ``kv_head_axes`` is ``head_axes``, or ``()`` when each
-  device's query heads share one kv head of the whole set, which needs a
-  sum over ``head_axes`` (``sum_kv_heads``)."""
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """The mesh axes each split role goes over (``()``: not split)."""
+  batch: tuple[str, ...] = ()
+  seq: tuple[str, ...] = ()
+  heads: tuple[str, ...] = ()
+  kv_heads: tuple[str, ...] = ()
+
+  @property
+  def heads_alone(self) -> tuple[str, ...]:
+    """The heads axes when query heads split and kv heads do not."""
+    return self.heads if self.heads != self.kv_heads else ()
+
+  @property
+  def kv_sum(self) -> tuple[str, ...]:
+    """The axes that results with kv heads are summed over."""
+    return self.heads_alone + self.seq
+
+
+def _plan(mesh, spec, lead_roles: str, B: int, T: int, N: int, K: int, *,
+          may_sum: bool = True) -> _Plan:
+  """The mesh axes to split batch, query rows, query heads and kv heads
+  over, read from the leading operand's ``spec``.
+
+  ``kv_heads`` is ``heads``, or ``()`` when each device's query heads share
+  one kv head of the whole set. That, and splitting query rows, make each
+  device hold part of the kv gradients, summed over those axes: neither is
+  planned unless ``may_sum``.
+  """
   spec = tuple(spec) + (None,) * (len(lead_roles) - len(tuple(spec)))
   batch = _axes(spec[lead_roles.index("b")])
   heads = _axes(spec[lead_roles.index("n")])
+  seq = _axes(spec[lead_roles.index("t")]) if "t" in lead_roles else ()
   if B % _size(mesh, batch):
     batch = ()
+  if T % _size(mesh, seq) or not may_sum:
+    seq = ()
   n = _size(mesh, heads)
   if N % n == 0 and K % n == 0:
-    return batch, heads, heads
-  if N % n == 0 and n % K == 0 and sum_kv_heads:
-    return batch, heads, ()
-  return batch, (), ()
+    return _Plan(batch, seq, heads, heads)
+  if N % n == 0 and n % K == 0 and may_sum:
+    return _Plan(batch, seq, heads, ())
+  return _Plan(batch, seq)
 
 
 def one_kv_head(operands, roles, kv_head):
@@ -188,16 +225,17 @@ def place_kv_head(results, roles, kv_head, K: int):
   return [place(x, r) if "k" in r else x for x, r in zip(results, roles)]
 
 
-def _sharding(mesh, roles: str, batch, heads, kv_heads):
-  """The sharding of an operand with ``roles`` under the plan."""
-  by_role = {"b": batch or None, "n": heads or None, "k": kv_heads or None}
+def _sharding(mesh, roles: str, plan: _Plan):
+  """The sharding of an operand with ``roles`` under ``plan``."""
+  by_role = {"b": plan.batch or None, "t": plan.seq or None,
+             "n": plan.heads or None, "k": plan.kv_heads or None}
   return NamedSharding(
       mesh, PartitionSpec(*(by_role.get(r) for r in roles)))
 
 
 def _sharding_rule(roles: Sequence[str], out_roles: Sequence[str]) -> str:
-  """The Shardy rule: batch, query-head and kv-head factors shared across
-  operands and results, every other dim its own factor.
+  """The Shardy rule: batch, query-row, query-head and kv-head factors
+  shared across operands and results, every other dim its own factor.
 
   Query heads are not tied to kv heads as ``(k g)``: Shardy would then
   split the ``K`` kv heads over sub-axes when ``K`` does not divide by the
@@ -224,20 +262,24 @@ def _steps_aside() -> bool:
 
 
 def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
-         B: int, N: int, K: int, offsets: bool = False,
+         B: int, T: int, N: int, K: int, offsets: bool = False,
          partitionable: bool = True):
-  """``kernel(shard, *args)``, run per batch/head shard under ``jit``.
+  """``kernel(shard, *args)``, run per batch/query-row/head shard under
+  ``jit``.
 
   Args:
     kernel: ``(Shard, *args) -> tuple of arrays`` laid out as ``out_roles``
       says, for the problem ``shard`` describes.
     args: the kernel's array arguments (pytrees; None leaves allowed).
-      ``args[0]`` leads: its batch and head sharding decide the split.
+      ``args[0]`` leads: its batch, query-row and head sharding decide the
+      split.
     roles: a pytree like ``args`` with a role string for each array.
     out_roles: a role string for each result.
-    B, N, K: the global batch, query heads and key/value heads.
+    B, T, N, K: the global batch, query rows, query heads and key/value
+      heads.
     offsets: the kernel reads ``shard.batch_offset`` / ``head_offset``
       (dropout); they are zero unless the call is split.
+      ``shard.q_offset`` is given whenever query rows are split.
     partitionable: False runs the kernel on the whole problem always (the
       TPU interpreter's callbacks cannot be partitioned).
 
@@ -251,42 +293,44 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
       raise ValueError(f"roles {r!r} do not describe an operand of shape "
                        f"{x.shape}.")
   if not partitionable or _steps_aside():
-    return kernel(Shard(B, N, K), *args)
+    return kernel(Shard(B, T, N, K), *args)
 
   lead_roles = role_leaves[0]
   kernel_roles = role_leaves
-  # Global indices, split like batch and heads (row 0 = offset): for
-  # dropout, and for the kv head that split query heads share.
-  with_ids = offsets or K < N
-  if with_ids:
-    leaves = leaves + [jnp.arange(B, dtype=jnp.int32),
-                       jnp.arange(N, dtype=jnp.int32)]
-    role_leaves = role_leaves + ["b", "n"]
+  # Global indices, split like batch, query rows and heads (row 0 = the
+  # offset): for dropout and the masks' positions, and for the kv head
+  # that split query heads share.
+  leaves = leaves + [jnp.arange(B, dtype=jnp.int32),
+                     jnp.arange(T, dtype=jnp.int32),
+                     jnp.arange(N, dtype=jnp.int32)]
+  role_leaves = role_leaves + ["b", "t", "n"]
+  sums_kv = any("k" in r for r in out_roles)
 
-  def local(shard_sizes, heads_axes, *flat):
-    """The kernel on one shard. ``heads_axes``: the mesh axes that split
-    the query heads but not the kv heads, or ``()``."""
-    if with_ids:
-      *flat, b_ids, n_ids = flat
-      shard = Shard(*shard_sizes, batch_offset=b_ids[0],
-                    head_offset=n_ids[0])
+  def local(sizes, plan: _Plan, *flat):
+    """The kernel on one shard of ``sizes`` (local B, T, N, K)."""
+    *flat, b_ids, t_ids, n_ids = flat
+    ids = offsets or K < N
+    shard = Shard(*sizes, batch_offset=b_ids[0] if ids else 0,
+                  head_offset=n_ids[0] if ids else 0,
+                  q_offset=t_ids[0] if plan.seq else 0)
+    if plan.heads_alone:
+      kv_head = shard.head_offset // (N // K)
+      flat = one_kv_head(flat, kernel_roles, kv_head)
+      results = place_kv_head(kernel(shard, *tree.unflatten(flat)),
+                              out_roles, kv_head, K)
     else:
-      shard = Shard(*shard_sizes)
-    if not heads_axes:
-      return tuple(kernel(shard, *tree.unflatten(flat)))
-    kv_head = shard.head_offset // (N // K)
-    flat = one_kv_head(flat, kernel_roles, kv_head)
-    results = place_kv_head(kernel(shard, *tree.unflatten(flat)), out_roles,
-                            kv_head, K)
-    return tuple(jax.lax.psum(x, heads_axes) if "k" in r else x
+      results = kernel(shard, *tree.unflatten(flat))
+    if not plan.kv_sum:
+      return tuple(results)
+    return tuple(jax.lax.psum(x, plan.kv_sum) if "k" in r else x
                  for x, r in zip(results, out_roles))
 
   @custom_partitioning
   def partitioned(*flat):
-    return local((B, N, K), (), *flat)
+    return local((B, T, N, K), _Plan(), *flat)
 
-  def plan(mesh, arg_shapes):
-    """``(mesh, batch_axes, head_axes, kv_head_axes)``."""
+  def plan_for(mesh, arg_shapes):
+    """``(mesh, plan)``."""
     lead = arg_shapes[0]
     named = (isinstance(mesh, Mesh) and not mesh.empty
              and jax.sharding.AxisType.Manual not in mesh.axis_types
@@ -295,29 +339,26 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
                   else _mesh_from_tiles(lead.sharding, lead.shape))
     # On a mesh made from tiles (inside a partly manual shard_map), XLA
     # numbers a shard's collective by the devices of one manual group
-    # and rejects it: no kv-head sum there.
-    return (mesh, *_plan(mesh, spec, lead_roles, B, N, K,
-                         sum_kv_heads=named))
+    # and rejects it: no kv sums there.
+    return mesh, _plan(mesh, spec, lead_roles, B, T, N, K,
+                       may_sum=named or not sums_kv)
 
-  def result_shardings(mesh, batch, heads, kv_heads):
-    return tuple(_sharding(mesh, r, batch, heads, kv_heads)
-                 for r in out_roles)
+  def result_shardings(mesh, plan):
+    return tuple(_sharding(mesh, r, plan) for r in out_roles)
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
-    mesh, batch, heads, kv_heads = plan(mesh, arg_shapes)
-    # Query heads split alone: each shard reads one kv head.
-    heads_alone = heads if heads != kv_heads else ()
-    sizes = (B // _size(mesh, batch), N // _size(mesh, heads),
-             1 if heads_alone else K // _size(mesh, kv_heads))
-    arg_shardings = tuple(_sharding(mesh, r, batch, heads, kv_heads)
-                          for r in role_leaves)
-    return (mesh, lambda *flat: local(sizes, heads_alone, *flat),
-            result_shardings(mesh, batch, heads, kv_heads), arg_shardings)
+    mesh, plan = plan_for(mesh, arg_shapes)
+    sizes = (B // _size(mesh, plan.batch), T // _size(mesh, plan.seq),
+             N // _size(mesh, plan.heads),
+             1 if plan.heads_alone else K // _size(mesh, plan.kv_heads))
+    arg_shardings = tuple(_sharding(mesh, r, plan) for r in role_leaves)
+    return (mesh, lambda *flat: local(sizes, plan, *flat),
+            result_shardings(mesh, plan), arg_shardings)
 
   def infer(mesh, arg_shapes, result_shape):
     del result_shape
-    return result_shardings(*plan(mesh, arg_shapes))
+    return result_shardings(*plan_for(mesh, arg_shapes))
 
   partitioned.def_partition(
       partition, infer_sharding_from_operands=infer,
@@ -331,7 +372,8 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
   def _vmap_rule(axis_size, in_batched, *flat):
     del axis_size
     axes = [0 if b else None for b in in_batched]
-    outs = jax.vmap(lambda *f: local((B, N, K), (), *f), in_axes=axes)(*flat)
+    outs = jax.vmap(lambda *f: local((B, T, N, K), _Plan(), *f),
+                    in_axes=axes)(*flat)
     return outs, tuple(True for _ in outs)
 
   return batchable(*leaves)

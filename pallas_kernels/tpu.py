@@ -248,13 +248,15 @@ def _vmem_bytes(st: _Static, t: _Tiling, kind: str) -> int:
 # -- block tables --------------------------------------------------------------
 
 
-def _block_pred(spec: masks_lib.MaskSpec, t: _Tiling, i, j, q_len, kv_len):
+def _block_pred(spec: masks_lib.MaskSpec, t: _Tiling, i, j, q_len, kv_len,
+                q_off=0):
   """May block (i, j) hold a pair the band and the lengths allow?
 
   Elementwise on ints or arrays; ``q_len``/``kv_len`` are already clipped to
-  ``T``/``S`` so padding counts as masked.
+  ``q_off + T``/``S`` so padding counts as masked. Query positions start
+  at ``q_off`` (:func:`_q_offset`).
   """
-  q_lo = i * t.bq
+  q_lo = q_off + i * t.bq
   q_hi = jnp.minimum(q_lo + t.bq, q_len)
   k_lo = j * t.bk
   k_hi = jnp.minimum(k_lo + t.bk, kv_len)
@@ -286,16 +288,21 @@ def _tables(st: _Static, t: _Tiling, data: dict, transpose: bool) -> dict:
   """
   p = st.problem
   B, nq, nk = p.B, t.nq, t.nk
-  q_len = (jnp.full((B,), p.T, jnp.int32) if "q_lengths" not in data
-           else jnp.clip(data["q_lengths"], 0, p.T))
+  # Query positions are global: they start at the offset of this call's
+  # rows in a split sequence (zero unless split).
+  q_off = data["q_offset"][0] if "q_offset" in data else 0
+  q_len = (jnp.full((B,), q_off + p.T, jnp.int32) if "q_lengths" not in data
+           else jnp.clip(data["q_lengths"], q_off, q_off + p.T))
   kv_len = (jnp.full((B,), p.S, jnp.int32) if "kv_lengths" not in data
             else jnp.clip(data["kv_lengths"], 0, p.S))
-  tb = {"q_len": q_len, "kv_len": kv_len,
+  tb = {"q_len": q_len.astype(jnp.int32), "kv_len": kv_len,
         "seeds": data.get("seeds", jnp.zeros((4,), jnp.int32))}
+  if "q_offset" in data:
+    tb["q_off"] = data["q_offset"]
   i = jnp.arange(nq, dtype=jnp.int32)[None, None, :, None]
   j = jnp.arange(nk, dtype=jnp.int32)[None, None, None, :]
   ok = _block_pred(st.spec, t, i, j, q_len[:, None, None, None],
-                   kv_len[:, None, None, None])  # (B, 1, nq, nk)
+                   kv_len[:, None, None, None], q_off)  # (B, 1, nq, nk)
   if st.segments:
     qmin, qmax = _segment_bounds(data["q_ids"], p.T, t.bq, t.Tp)  # (B, nq)
     kmin, kmax = _segment_bounds(data["kv_ids"], p.S, t.bk, t.Sp)  # (B, nk)
@@ -422,6 +429,12 @@ def _dot(a, b, dims):
                          preferred_element_type=_F32)
 
 
+def _q_offset(r):
+  """The global position of local query row 0 (SMEM): nonzero when this
+  call is one shard of a problem split over query rows."""
+  return r["q_off"][0] if "q_off" in r else 0
+
+
 def _allowed(r, st: _Static, t: _Tiling, b, i, j):
   """The ``(bq, bk)`` "may attend" mask of block (i, j), or None if all True.
 
@@ -429,7 +442,8 @@ def _allowed(r, st: _Static, t: _Tiling, b, i, j):
   the dense mask, exactly as ``masks.dense_mask`` does for the reference.
   """
   shape = (t.bq, t.bk)
-  q_pos = i * t.bq + lax.broadcasted_iota(jnp.int32, shape, 0)
+  q_pos = (_q_offset(r) + i * t.bq
+           + lax.broadcasted_iota(jnp.int32, shape, 0))
   k_pos = j * t.bk + lax.broadcasted_iota(jnp.int32, shape, 1)
   ok = st.spec.allows(q_pos, k_pos)
   ok = None if ok is True else ok
@@ -456,7 +470,8 @@ def _dropout_keep(r, st: _Static, t: _Tiling, b, n, i, j):
   b, n = b + r["seeds"][2], n + r["seeds"][3]
   # The row part of the hash once per query row (lanes replicated), then
   # one hash per element with the absolute key index.
-  rows = i * t.bq + lax.broadcasted_iota(jnp.int32, (t.bq, _LANES), 0)
+  rows = (_q_offset(r) + i * t.bq
+          + lax.broadcasted_iota(jnp.int32, (t.bq, _LANES), 0))
   h_row = dropout_lib.row_hash((s0, s1), b, n, rows)[:, :1]  # (bq, 1)
   cols = j * t.bk + lax.broadcasted_iota(jnp.int32, (t.bq, t.bk), 1)
   return (dropout_lib.bits_from_row(h_row, cols, s1)
@@ -842,21 +857,31 @@ def _backward(st: _Static, q, k, v, data, out, lse, d_out, d_lse):
 
 
 def _local(st: _Static, shard: partitioning.Shard, data: dict):
-  """The static config and per-call arrays of one batch/head shard."""
+  """The static config and per-call arrays of one batch/query-row/head
+  shard."""
   mask = data.get("mask")
+
+  def rows(t: _Tiling) -> _Tiling:  # blocks over the shard's T rows
+    bq = _balanced(shard.T, t.bq, _SUBLANES)
+    return dataclasses.replace(t, bq=bq, Tp=_round_up(shard.T, bq))
+
   st = dataclasses.replace(
-      st, problem=dataclasses.replace(st.problem, B=shard.B, N=shard.N,
-                                      K=shard.K),
+      st, problem=dataclasses.replace(st.problem, B=shard.B, T=shard.T,
+                                      N=shard.N, K=shard.K),
+      fwd=rows(st.fwd), dq=rows(st.dq), dkv=rows(st.dkv),
       mask_shape=None if mask is None else tuple(mask.shape[:2]))
   if "seeds" in data:
     data = dict(data, seeds=dropout_lib.with_offsets(
         data["seeds"], shard.batch_offset, shard.head_offset))
+  if not (isinstance(shard.q_offset, int) and shard.q_offset == 0):
+    data = dict(data, q_offset=jnp.reshape(shard.q_offset, (1,)).astype(
+        jnp.int32))
   return st, data
 
 
 def _data_roles(st: _Static, data: dict) -> dict:
   """Roles (:mod:`partitioning`) of the arrays of :func:`_data_dict`."""
-  roles = {"q_ids": "b.", "kv_ids": "b.", "q_lengths": "b",
+  roles = {"q_ids": "bt", "kv_ids": "b.", "q_lengths": "b",
            "kv_lengths": "b", "seeds": "."}
   if "mask" in data:
     roles["mask"] = partitioning.dense_mask_roles(
@@ -865,15 +890,15 @@ def _data_roles(st: _Static, data: dict) -> dict:
 
 
 def _sharded(st: _Static, fn, arrays, roles, out_roles):
-  """``fn(st, *arrays)`` (``arrays[3]`` the data dict), split over batch
-  and heads under ``jit``."""
+  """``fn(st, *arrays)`` (``arrays[3]`` the data dict), split over batch,
+  query rows and heads under ``jit``."""
   def kernel(shard, *arrays):
     local_st, data = _local(st, shard, arrays[3])
     return fn(local_st, *arrays[:3], data, *arrays[4:])
 
   p = st.problem
-  return partitioning.call(kernel, arrays, roles, out_roles, B=p.B, N=p.N,
-                           K=p.K, offsets="seeds" in arrays[3],
+  return partitioning.call(kernel, arrays, roles, out_roles, B=p.B, T=p.T,
+                           N=p.N, K=p.K, offsets="seeds" in arrays[3],
                            partitionable=not st.interpret)
 
 

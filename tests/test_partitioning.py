@@ -15,7 +15,9 @@ call (forward, log-sum-exp and gradients). The multi-device checks
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 from unittest import mock
 
 import jax
@@ -29,59 +31,66 @@ from pallas_kernels import partitioning
 from tests.tolerances import FORWARD, GRAD, assert_close
 
 
-def _split_call(kernel, args, roles, out_roles, *, B, N, K, offsets=False,
-                partitionable=True, parts=(2, 2)):
-  """``partitioning.call`` done by hand: ``parts`` = (batch, head) shards.
+def _split_call(kernel, args, roles, out_roles, *, B, T, N, K, offsets=False,
+                partitionable=True, parts=(2, 2, 1)):
+  """``partitioning.call`` done by hand: ``parts`` = (batch, head, query
+  row) shards.
 
   When the head shards do not divide the ``K`` kv heads, each shard's query
   heads share one kv head, as under the partitioner: the kv operands stay
   whole, the shard reads its kv head, and the kv heads' results are summed
-  over the head shards."""
+  over the head shards. Query-row shards see all the keys, and the kv
+  results are summed over them too."""
   del partitionable
-  nb, nh = parts
+  nb, nh, nt = parts
   shared_kv = K % nh != 0
-  assert B % nb == 0 and N % nh == 0, (B, N, parts)
+  assert B % nb == 0 and N % nh == 0 and T % nt == 0, (B, T, N, parts)
   assert not shared_kv or nh % K == 0, (K, parts)
   leaves, tree = jax.tree.flatten(args)
   role_leaves = tree.flatten_up_to(roles)
+  cut = {"b": nb, "n": nh, "t": nt, "k": 1 if shared_kv else nh}
 
-  def piece(x, r, bi, hi):
+  def piece(x, r, index):
     for axis, role in enumerate(r):
-      if role in ("bn" if shared_kv else "bnk"):
-        cut = nb if role == "b" else nh
-        size = x.shape[axis] // cut
-        x = jax.lax.slice_in_dim(x, (bi if role == "b" else hi) * size,
-                                 ((bi if role == "b" else hi) + 1) * size,
-                                 axis=axis)
+      if cut.get(role, 1) > 1:
+        size = x.shape[axis] // cut[role]
+        i = index["n" if role == "k" else role]
+        x = jax.lax.slice_in_dim(x, i * size, (i + 1) * size, axis=axis)
     return x
 
-  grid = []
-  for bi in range(nb):
-    row = []
-    for hi in range(nh):
-      shard = partitioning.Shard(
-          B // nb, N // nh, 1 if shared_kv else K // nh,
-          batch_offset=jnp.int32(bi * B // nb) if offsets else 0,
-          head_offset=(jnp.int32(hi * N // nh) if offsets or shared_kv
-                       else 0))
-      local = [piece(x, r, bi, hi) for x, r in zip(leaves, role_leaves)]
-      if shared_kv:
-        kv_head = shard.head_offset // (N // K)
-        local = partitioning.one_kv_head(local, role_leaves, kv_head)
-        row.append(partitioning.place_kv_head(
-            kernel(shard, *tree.unflatten(local)), out_roles, kv_head, K))
-      else:
-        row.append(kernel(shard, *tree.unflatten(local)))
-    grid.append(row)
+  cells = {}
+  for bi, hi, ti in itertools.product(range(nb), range(nh), range(nt)):
+    ids = offsets or K < N
+    shard = partitioning.Shard(
+        B // nb, T // nt, N // nh, 1 if shared_kv else K // nh,
+        batch_offset=jnp.int32(bi * B // nb) if ids else 0,
+        head_offset=jnp.int32(hi * N // nh) if ids else 0,
+        q_offset=jnp.int32(ti * T // nt) if nt > 1 else 0)
+    index = {"b": bi, "n": hi, "t": ti}
+    local = [piece(x, r, index) for x, r in zip(leaves, role_leaves)]
+    if shared_kv:
+      kv_head = shard.head_offset // (N // K)
+      local = partitioning.one_kv_head(local, role_leaves, kv_head)
+      cells[bi, hi, ti] = partitioning.place_kv_head(
+          kernel(shard, *tree.unflatten(local)), out_roles, kv_head, K)
+    else:
+      cells[bi, hi, ti] = kernel(shard, *tree.unflatten(local))
+
+  def join(j, r, pick, role, count):
+    """Result ``j`` over ``count`` shards along ``role``: concatenated
+    where it is split, summed where each shard holds a part."""
+    parts_ = [pick(c) for c in range(count)]
+    if role in r:
+      return jnp.concatenate(parts_, axis=r.index(role))
+    return sum(parts_)
+
   outs = []
   for j, r in enumerate(out_roles):
-    head_axis = next(i for i, c in enumerate(r) if c in "nk")
-    if shared_kv and "k" in r:  # partial sums of every kv head
-      rows = [sum(cell[j] for cell in row) for row in grid]
-    else:
-      rows = [jnp.concatenate([cell[j] for cell in row], axis=head_axis)
-              for row in grid]
-    outs.append(jnp.concatenate(rows, axis=r.index("b")))
+    heads = "k" if "k" in r and not shared_kv else "n"
+    outs.append(join(j, r, lambda bi: join(
+        j, r, lambda hi: join(
+            j, r, lambda ti: cells[bi, hi, ti][j], "t", nt),
+        heads, nh), "b", nb))
   return tuple(outs)
 
 
@@ -120,12 +129,15 @@ def _mask_kwargs(name, B, T, S, N, key):
                 mask=jax.random.bernoulli(r[2], 0.7, (B, N, T, S)))
   if name == "shared_mask":  # a (T, S) mask that every shard reads whole
     return dict(mask=jax.random.bernoulli(r[2], 0.7, (T, S)), causal=True)
+  if name == "window":  # a band on both sides, and query lengths
+    return dict(sliding_window=(5, 3), q_lengths=jnp.array([16, 3, 9, 12])[:B])
   raise ValueError(name)
 
 
 def _assert_split_equals_whole(backend, masks, *, K, parts):
-  """The kernel split by hand into ``parts`` (batch, head) shards gives the
-  unsplit call's output, lse and gradients (N=4, dropout, ``masks``)."""
+  """The kernel split by hand into ``parts`` (batch, head, query row)
+  shards gives the unsplit call's output, lse and gradients (N=4, T=16,
+  dropout, ``masks``)."""
   q, k, v, key = _inputs(K=K)
   kw = dict(_mask_kwargs(masks, 4, 16, 12, 4, key), dropout_rate=0.3,
             dropout_rng=jax.random.key(7))
@@ -146,11 +158,11 @@ def test_split_over_batch_and_heads_equals_the_whole_call(backend, masks):
   """GQA (N=4, K=2), dropout, masks split with the batch and heads or
   shared by all: 2 x 2 shards give the unsplit call's output, lse and
   gradients, dropout bits included."""
-  _assert_split_equals_whole(backend, masks, K=2, parts=(2, 2))
+  _assert_split_equals_whole(backend, masks, K=2, parts=(2, 2, 1))
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("K,parts", [(2, (2, 4)), (1, (1, 2))])
+@pytest.mark.parametrize("K,parts", [(2, (2, 4, 1)), (1, (1, 2, 1))])
 def test_query_heads_split_over_shared_kv_heads(backend, K, parts):
   """More head shards than kv heads (N=4; K=2 over 4 shards, MQA over 2):
   each shard reads the one kv head its query heads share, and the kv
@@ -158,6 +170,18 @@ def test_query_heads_split_over_shared_kv_heads(backend, K, parts):
   masks, the unsplit call's output, lse and gradients."""
   _assert_split_equals_whole(backend, "per_example_and_head", K=K,
                              parts=parts)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("masks,parts", [
+    ("per_example_and_head", (2, 2, 2)), ("shared_mask", (1, 1, 4)),
+    ("window", (2, 1, 4))])
+def test_split_over_query_rows_equals_the_whole_call(backend, masks, parts):
+  """Query rows split in 2 or 4 (rows 0-7 and 8-15, or four): each shard
+  attends its rows to all the keys at their global positions (causal and
+  window bands, query lengths, dropout bits), and the kv gradients are
+  summed over the shards; the unsplit call's output, lse and gradients."""
+  _assert_split_equals_whole(backend, masks, K=2, parts=parts)
 
 
 def test_split_without_dropout_needs_no_offsets():
@@ -180,45 +204,57 @@ def test_split_without_dropout_needs_no_offsets():
 
 def test_the_plan_follows_the_leading_operand():
   mesh = AbstractMesh((2, 4), ("data", "model"))
-  plan = functools.partial(partitioning._plan, mesh)  # pylint: disable=protected-access
-  assert plan(P("data", None, "model"), "b.n.", 4, 8, 4) == (
-      ("data",), ("model",), ("model",))
+
+  def plan(spec, *sizes, **kw):
+    # pylint: disable-next=protected-access
+    found = partitioning._plan(mesh, spec, "btn.", *sizes, **kw)
+    return dataclasses.astuple(found)
+
+  # (batch, query rows, heads, kv heads) for B, T, N, K.
+  assert plan(P("data", None, "model"), 4, 16, 8, 4) == (
+      ("data",), (), ("model",), ("model",))
   # K=2 kv heads do not split 4 ways: the query heads do, each pair of
   # devices sharing one kv head; so does MQA (K=1).
-  assert plan(P("data", None, "model"), "b.n.", 4, 8, 2) == (
-      ("data",), ("model",), ())
-  assert plan(P("data", None, "model"), "b.n.", 4, 8, 1) == (
-      ("data",), ("model",), ())
-  # Where the shards may not sum the kv heads' gradients (inside a partly
-  # manual shard_map), such heads stay whole.
-  assert plan(P("data", None, "model"), "b.n.", 4, 8, 1,
-              sum_kv_heads=False) == (("data",), (), ())
+  assert plan(P("data", None, "model"), 4, 16, 8, 2) == (
+      ("data",), (), ("model",), ())
+  assert plan(P("data", None, "model"), 4, 16, 8, 1) == (
+      ("data",), (), ("model",), ())
+  # Query rows split over the axes that shard them when T divides.
+  assert plan(P("data", "model"), 4, 16, 8, 1) == (
+      ("data",), ("model",), (), ())
+  assert plan(P("data", "model"), 4, 18, 8, 1) == (("data",), (), (), ())
+  # Where the shards may not sum kv gradients (inside a partly manual
+  # shard_map), shared kv heads and query rows stay whole.
+  assert plan(P("data", None, "model"), 4, 16, 8, 1, may_sum=False) == (
+      ("data",), (), (), ())
+  assert plan(P("data", "model"), 4, 16, 8, 1, may_sum=False) == (
+      ("data",), (), (), ())
   # K=3 kv heads neither split 4 ways nor divide them: heads stay whole,
   # batch still splits; so do N=6 query heads.
-  assert plan(P("data", None, "model"), "b.n.", 4, 12, 3) == (
-      ("data",), (), ())
-  assert plan(P("data", None, "model"), "b.n.", 4, 6, 2) == (
-      ("data",), (), ())
+  assert plan(P("data", None, "model"), 4, 16, 12, 3) == (
+      ("data",), (), (), ())
+  assert plan(P("data", None, "model"), 4, 16, 6, 2) == (
+      ("data",), (), (), ())
   # An odd batch does not split; both axes on the batch do.
-  assert plan(P("data", None, "model"), "b.n.", 3, 8, 8) == (
-      (), ("model",), ("model",))
-  assert plan(P(("data", "model")), "b.n.", 8, 8, 8) == (
-      ("data", "model"), (), ())
-  assert plan(P(), "b.n.", 8, 8, 8) == ((), (), ())
+  assert plan(P("data", None, "model"), 3, 16, 8, 8) == (
+      (), (), ("model",), ("model",))
+  assert plan(P(("data", "model")), 8, 16, 8, 8) == (
+      ("data", "model"), (), (), ())
+  assert plan(P(), 8, 16, 8, 8) == ((), (), (), ())
 
 
-def test_sharding_rule_shares_batch_and_head_factors():
+def test_sharding_rule_shares_batch_row_and_head_factors():
   rule = partitioning._sharding_rule(  # pylint: disable=protected-access
-      ["b.n.", "b.k.", "b.k.", "b..", "."], ["b.n.", "bn."])
-  assert rule == ("b x0 n x1, b x2 k x3, b x4 k x5, b x6 x7, x8 -> "
-                  "b x9 n x10, b n x11")
+      ["btn.", "b.k.", "b.k.", "bt", "."], ["btn.", "bnt"])
+  assert rule == ("b t n x0, b x1 k x2, b x3 k x4, b t, x5 -> "
+                  "b t n x6, b n t")
 
 
 def test_roles_must_describe_the_operands():
   x = jnp.ones((2, 3))
   with pytest.raises(ValueError, match="roles 'b..' do not describe"):
-    partitioning.call(lambda s, x: (x,), (x,), ("b..",), ("b.",), B=2, N=1,
-                      K=1)
+    partitioning.call(lambda s, x: (x,), (x,), ("b..",), ("b.",), B=2, T=3,
+                      N=1, K=1)
 
 
 def test_steps_aside_inside_shard_map():

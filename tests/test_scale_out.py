@@ -317,7 +317,8 @@ MULTIDEVICE = {
     "kernel_partitioning": ("partitioning_checks", (
         "kernel_splits_over_batch_and_heads",
         "layer_with_flash_under_explicit_mesh_gathers_nothing",
-        "ring_kernels_split_over_the_other_auto_axes")),
+        "ring_kernels_split_over_the_other_auto_axes",
+        "kernel_splits_over_query_rows")),
 }
 SLOW_MULTIDEVICE = {
     "ring_more": ("ring_checks", (

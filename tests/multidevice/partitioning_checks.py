@@ -191,5 +191,35 @@ def ring_kernels_split_over_the_other_auto_axes():
       assert 0 < gathers < 60, (K, collectives(compiled))
 
 
+@check
+def kernel_splits_over_query_rows():
+  """Activations sharded over the sequence (batch on a 2-way axis, T and
+  S on a 4-way one): the kernel keeps its query rows where they are, each
+  device attending its 6 rows to all 20 keys (gathered) at their global
+  positions (causal, an empty row, a per-head mask, dropout); the kv
+  gradients are summed over the axis. Forward, lse and grads equal one
+  device's; out, lse and dq stay sharded over the rows; only k and v are
+  gathered."""
+  mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AUTO,) * 2)
+  qkv, masks = _kernel_inputs()
+  step = kernel_step("gpu", **masks)
+  want = step(*qkv)
+  rows = NamedSharding(mesh, P("data", "seq"))
+  sharded = [jax.device_put(x, rows) for x in qkv]
+  compiled = step.lower(*sharded).compile()
+  got = compiled(*sharded)
+  _assert_same(got, want, "query rows")
+  (_, (out, lse)), (dq, _, _) = got
+  assert out.sharding.spec[:2] == ("data", "seq"), out.sharding
+  assert dq.sharding.spec[:2] == ("data", "seq"), dq.sharding
+  assert tuple(lse.sharding.spec)[:3] == ("data", None, "seq"), lse.sharding
+  gathered = [line for line in compiled.as_text().splitlines()
+              if " all-gather(" in line]
+  # k and v: (2, 20, 4, 16) per data shard, from (2, 5, 4, 16) pieces.
+  assert gathered and all("f32[2,20,4,16]" in g.split("=")[1][:30]
+                          for g in gathered), (
+                              len(gathered), [g[:90] for g in gathered])
+
+
 if __name__ == "__main__":
   main(__name__)
