@@ -316,9 +316,11 @@ MULTIDEVICE = {
                            "ring_needs_less_memory_than_gathered")),
     "kernel_partitioning": ("partitioning_checks", (
         "kernel_splits_over_batch_and_heads",
-        "layer_with_flash_under_explicit_mesh_gathers_nothing",
+        "layer_with_flash_under_explicit_mesh_gathers_nothing")),
+    "kernel_partitioning_sequence": ("partitioning_checks", (
         "ring_kernels_split_over_the_other_auto_axes",
-        "kernel_splits_over_query_rows")),
+        "kernel_splits_over_query_rows",
+        "layer_with_sequence_sharded_activations")),
 }
 SLOW_MULTIDEVICE = {
     "ring_more": ("ring_checks", (
