@@ -14,7 +14,10 @@ it has):
 1. correctness: the kernel against ``pallas_kernels.reference`` (fp32) on the
    device: forward ``out`` and ``lse`` and ``dq, dk, dv`` through both, for
    bf16, fp16 and fp32, causal, windows, segments, lengths, dense masks,
-   ragged sizes, GQA/MQA, ``Hv != H`` and dropout; PASS/FAIL per case;
+   ragged sizes, GQA/MQA, ``Hv != H`` and dropout, and the kernel run as
+   query-row shards at their offsets (what it does under ``jit`` on
+   sequence-sharded inputs, split by hand on one device); PASS/FAIL per
+   case;
 2. timing: bf16 forward and forward+backward at ``B=4, N=16, H=128``, ``T = S
    in {1024, 4096, 16384}``, causal and not, for the kernel,
    ``jax.nn.dot_product_attention(implementation="xla")`` and ``"cudnn"``:
@@ -31,6 +34,7 @@ cannot be timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -41,6 +45,7 @@ import statistics
 import sys
 import time
 from typing import Any, Callable, Optional
+from unittest import mock
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # `python benchmarks/gpu_check.py` from the root
@@ -54,6 +59,7 @@ from benchmarks.shapes import GPU_TIMING, AttentionShape  # noqa: E402
 from pallas_kernels import flash_attention  # noqa: E402
 from pallas_kernels import gpu_triton  # noqa: E402
 from pallas_kernels import masks as masks_lib  # noqa: E402
+from pallas_kernels import partitioning  # noqa: E402
 from pallas_kernels import reference  # noqa: E402
 
 # Normwise tolerances, |got - want|_max <= atol + rtol * |want|_max, by
@@ -74,6 +80,7 @@ class CheckCase:
   dtype: str
   masks: tuple[str, ...] = ()
   dropout: float = 0.0
+  row_shards: int = 1  # > 1: the kernel runs on that many query-row shards
 
 
 def correctness_cases(tiny: bool) -> list[CheckCase]:
@@ -85,6 +92,8 @@ def correctness_cases(tiny: bool) -> list[CheckCase]:
         CheckCase("all_masks_dropout_bf16", S_(2, 33, 50, 2, 1, 32),
                   "bfloat16", ("causal", "segments", "kv_lengths", "dense"),
                   0.2),
+        CheckCase("rows3_window_qlen_dropout_fp32", S_(2, 36, 45, 4, 2, 40),
+                  "float32", ("window_lr", "q_lengths"), 0.2, row_shards=3),
     ]
   return [
       CheckCase("causal_fp32", S_(2, 256, 256, 4, 2, 64), "float32",
@@ -107,6 +116,11 @@ def correctness_cases(tiny: bool) -> list[CheckCase]:
                 "bfloat16", ("causal",)),
       CheckCase("mqa_dropout_fp32", S_(1, 300, 300, 8, 1, 96), "float32",
                 ("window_lr", "segments"), 0.2),
+      CheckCase("rows4_causal_dropout_bf16", S_(2, 1024, 1024, 4, 2, 64),
+                "bfloat16", ("causal", "kv_lengths"), 0.1, row_shards=4),
+      CheckCase("rows2_window_qlen_dense_fp32", S_(2, 300, 320, 4, 2, 64),
+                "float32", ("window_lr", "q_lengths", "dense"),
+                row_shards=2),
   ]
 
 
@@ -181,14 +195,20 @@ def run_case(case: CheckCase, interpret: bool,
     return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
 
   t0 = time.perf_counter()
-  (_, (out, lse)), grads = loss_fn(kernel)(q, k, v)
+  split = contextlib.nullcontext()
+  if case.row_shards > 1:
+    split = mock.patch.object(partitioning, "call", functools.partial(
+        partitioning.call_split_by_hand, parts=(1, 1, case.row_shards)))
+  with split:
+    (_, (out, lse)), grads = loss_fn(kernel)(q, k, v)
   jax.block_until_ready(grads)
   seconds = time.perf_counter() - t0
   (_, (r_out, r_lse)), r_grads = loss_fn(ref)(q, k, v)
   real = np.asarray(r_lse) > masks_lib.EMPTY_ROW_LSE / 2
   result = {"case": case.name, "shape": dataclasses.asdict(case.shape),
             "dtype": case.dtype, "masks": list(case.masks),
-            "dropout": case.dropout, "seconds_incl_compile": round(seconds, 2)}
+            "dropout": case.dropout, "row_shards": case.row_shards,
+            "seconds_incl_compile": round(seconds, 2)}
   checks = {
       "out": _compare(out, r_out, FORWARD[case.dtype]),
       "lse": _compare(lse, r_lse, FORWARD[case.dtype], real),
@@ -409,8 +429,10 @@ def _markdown(report: dict) -> str:
         errs = ", ".join(f"{r['errors'][n]:.2e}" for n in ("out", "lse", "dq",
                                                            "dk", "dv"))
         verdict = "PASS" if r["pass"] else "FAIL " + ",".join(r["failed"])
+      masks = r["masks"] + ([f"rows/{r['row_shards']}"]
+                            if r.get("row_shards", 1) > 1 else [])
       lines.append(f"| {r['case']} | {r['dtype']} | {shape} | "
-                   f"{'+'.join(r['masks']) or 'none'} | {r['dropout']} | "
+                   f"{'+'.join(masks) or 'none'} | {r['dropout']} | "
                    f"{verdict} | {errs} |")
     lines.append("")
   if report.get("timing"):
@@ -490,7 +512,8 @@ def main(argv=None) -> int:
       except Exception as e:  # noqa: BLE001 - a crash is this case's FAIL
         r = {"case": case.name, "shape": dataclasses.asdict(case.shape),
              "dtype": case.dtype, "masks": list(case.masks),
-             "dropout": case.dropout, "pass": False, "error": _short_error(e)}
+             "dropout": case.dropout, "row_shards": case.row_shards,
+             "pass": False, "error": _short_error(e)}
       report["correctness"].append(r)
       failures += not r["pass"]
       detail = (r.get("error") or ", ".join(

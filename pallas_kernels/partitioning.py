@@ -377,3 +377,73 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
     return outs, tuple(True for _ in outs)
 
   return batchable(*leaves)
+
+
+def call_split_by_hand(kernel: Callable, args: tuple, roles: tuple,
+                       out_roles: tuple, *, B: int, T: int, N: int, K: int,
+                       offsets: bool = False, partitionable: bool = True,
+                       parts: tuple[int, int, int] = (1, 1, 1)):
+  """What :func:`call` does on a mesh, done on one device: ``parts`` =
+  (batch, head, query row) shards, each cut from the operands by their
+  roles, run with its :class:`Shard`, and the results joined.
+
+  It checks a kernel's per-shard logic without a mesh (tests, and
+  ``benchmarks.gpu_check`` on one GPU); pass it in place of :func:`call`.
+  When the head shards do not divide the ``K`` kv heads, each shard's query
+  heads share one kv head, as under the partitioner: the kv operands stay
+  whole, the shard reads its kv head, and the kv heads' results are summed
+  over the head shards. Query-row shards see all the keys, and the kv
+  results are summed over them too."""
+  del partitionable
+  nb, nh, nt = parts
+  shared_kv = K % nh != 0
+  if B % nb or N % nh or T % nt or (shared_kv and nh % K):
+    raise ValueError(f"parts={parts} (batch, head, query-row shards) must "
+                     f"divide B={B}, N={N} and T={T}, and the head shards "
+                     f"divide or be divided by K={K}.")
+  leaves, tree = jax.tree.flatten(args)
+  role_leaves = tree.flatten_up_to(roles)
+  cut = {"b": nb, "n": nh, "t": nt, "k": 1 if shared_kv else nh}
+
+  def piece(x, r, index):
+    for axis, role in enumerate(r):
+      if cut.get(role, 1) > 1:
+        size = x.shape[axis] // cut[role]
+        i = index["n" if role == "k" else role]
+        x = jax.lax.slice_in_dim(x, i * size, (i + 1) * size, axis=axis)
+    return x
+
+  cells = {}
+  for bi, hi, ti in itertools.product(range(nb), range(nh), range(nt)):
+    ids = offsets or K < N
+    shard = Shard(
+        B // nb, T // nt, N // nh, 1 if shared_kv else K // nh,
+        batch_offset=jnp.int32(bi * B // nb) if ids else 0,
+        head_offset=jnp.int32(hi * N // nh) if ids else 0,
+        q_offset=jnp.int32(ti * T // nt) if nt > 1 else 0)
+    index = {"b": bi, "n": hi, "t": ti}
+    local = [piece(x, r, index) for x, r in zip(leaves, role_leaves)]
+    if shared_kv:
+      kv_head = shard.head_offset // (N // K)
+      local = one_kv_head(local, role_leaves, kv_head)
+      cells[bi, hi, ti] = place_kv_head(
+          kernel(shard, *tree.unflatten(local)), out_roles, kv_head, K)
+    else:
+      cells[bi, hi, ti] = kernel(shard, *tree.unflatten(local))
+
+  def join(j, r, pick, role, count):
+    """Result ``j`` over ``count`` shards along ``role``: concatenated
+    where it is split, summed where each shard holds a part."""
+    parts_ = [pick(c) for c in range(count)]
+    if role in r:
+      return jnp.concatenate(parts_, axis=r.index(role))
+    return sum(parts_)
+
+  outs = []
+  for j, r in enumerate(out_roles):
+    heads = "k" if "k" in r and not shared_kv else "n"
+    outs.append(join(j, r, lambda bi: join(
+        j, r, lambda hi: join(
+            j, r, lambda ti: cells[bi, hi, ti][j], "t", nt),
+        heads, nh), "b", nb))
+  return tuple(outs)

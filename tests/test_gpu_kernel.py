@@ -371,6 +371,7 @@ def test_gpu_check_tiny(tmp_path):
     report = json.load(f)
   assert report["correctness"] and all(r["pass"]
                                        for r in report["correctness"])
+  assert any(r["row_shards"] > 1 for r in report["correctness"])
   # Every (causal, pass) timing row has the kernel and XLA; cuDNN may fail.
   assert len(report["timing"]) == 4
   for row in report["timing"]:

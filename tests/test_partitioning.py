@@ -4,10 +4,10 @@ Shape letters: B batch, T query length, S key/value length, N query heads,
 K key/value heads, H head dim.
 
 On one device the wrapper steps aside, so these tests replace
-``partitioning.call`` with :func:`_split_call`, which does on one device
-what the partitioner does on a mesh: it cuts every operand by its roles
-into batch x head shards, runs the kernel on each with its :class:`Shard`,
-and concatenates the results. A wrong role, a local size left global or a
+``partitioning.call`` with ``partitioning.call_split_by_hand``, which does
+on one device what the partitioner does on a mesh: it cuts every operand
+by its roles into batch x head x query-row shards, runs the kernel on each
+with its :class:`Shard`, and joins the results. A wrong role, a local size left global or a
 dropout offset that is not added shows up as a difference from the unsplit
 call (forward, log-sum-exp and gradients). The multi-device checks
 (``tests/multidevice/partitioning_checks.py``) run the real partitioner.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from unittest import mock
 
 import jax
@@ -31,67 +30,8 @@ from pallas_kernels import partitioning
 from tests.tolerances import FORWARD, GRAD, assert_close
 
 
-def _split_call(kernel, args, roles, out_roles, *, B, T, N, K, offsets=False,
-                partitionable=True, parts=(2, 2, 1)):
-  """``partitioning.call`` done by hand: ``parts`` = (batch, head, query
-  row) shards.
-
-  When the head shards do not divide the ``K`` kv heads, each shard's query
-  heads share one kv head, as under the partitioner: the kv operands stay
-  whole, the shard reads its kv head, and the kv heads' results are summed
-  over the head shards. Query-row shards see all the keys, and the kv
-  results are summed over them too."""
-  del partitionable
-  nb, nh, nt = parts
-  shared_kv = K % nh != 0
-  assert B % nb == 0 and N % nh == 0 and T % nt == 0, (B, T, N, parts)
-  assert not shared_kv or nh % K == 0, (K, parts)
-  leaves, tree = jax.tree.flatten(args)
-  role_leaves = tree.flatten_up_to(roles)
-  cut = {"b": nb, "n": nh, "t": nt, "k": 1 if shared_kv else nh}
-
-  def piece(x, r, index):
-    for axis, role in enumerate(r):
-      if cut.get(role, 1) > 1:
-        size = x.shape[axis] // cut[role]
-        i = index["n" if role == "k" else role]
-        x = jax.lax.slice_in_dim(x, i * size, (i + 1) * size, axis=axis)
-    return x
-
-  cells = {}
-  for bi, hi, ti in itertools.product(range(nb), range(nh), range(nt)):
-    ids = offsets or K < N
-    shard = partitioning.Shard(
-        B // nb, T // nt, N // nh, 1 if shared_kv else K // nh,
-        batch_offset=jnp.int32(bi * B // nb) if ids else 0,
-        head_offset=jnp.int32(hi * N // nh) if ids else 0,
-        q_offset=jnp.int32(ti * T // nt) if nt > 1 else 0)
-    index = {"b": bi, "n": hi, "t": ti}
-    local = [piece(x, r, index) for x, r in zip(leaves, role_leaves)]
-    if shared_kv:
-      kv_head = shard.head_offset // (N // K)
-      local = partitioning.one_kv_head(local, role_leaves, kv_head)
-      cells[bi, hi, ti] = partitioning.place_kv_head(
-          kernel(shard, *tree.unflatten(local)), out_roles, kv_head, K)
-    else:
-      cells[bi, hi, ti] = kernel(shard, *tree.unflatten(local))
-
-  def join(j, r, pick, role, count):
-    """Result ``j`` over ``count`` shards along ``role``: concatenated
-    where it is split, summed where each shard holds a part."""
-    parts_ = [pick(c) for c in range(count)]
-    if role in r:
-      return jnp.concatenate(parts_, axis=r.index(role))
-    return sum(parts_)
-
-  outs = []
-  for j, r in enumerate(out_roles):
-    heads = "k" if "k" in r and not shared_kv else "n"
-    outs.append(join(j, r, lambda bi: join(
-        j, r, lambda hi: join(
-            j, r, lambda ti: cells[bi, hi, ti][j], "t", nt),
-        heads, nh), "b", nb))
-  return tuple(outs)
+_split_call = functools.partial(partitioning.call_split_by_hand,
+                                parts=(2, 2, 1))
 
 
 def _inputs(B=4, T=16, S=12, N=4, K=2, H=8, seed=0):
