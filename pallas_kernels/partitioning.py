@@ -120,6 +120,28 @@ def _size(mesh, axes: tuple[str, ...]) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def _tiles(sharding, ndim: int):
+  """How many tiles a sharding cuts each dim into, the replicas last, or
+  None unless its devices are numbered in tile order and its extra tile
+  dims replicate."""
+  try:
+    # pylint: disable-next=protected-access
+    hlo = sharding._to_xla_hlo_sharding(ndim)
+    if not hlo.is_tiled() or hlo.is_manual():
+      return None
+    tiles = tuple(hlo.tile_assignment_dimensions())
+    extra = (["REPLICATED"] if hlo.replicate_on_last_tile_dim()
+             else [t.name for t in hlo.subgroup_types()])
+    in_order = list(hlo.tile_assignment_devices()) == list(
+        range(math.prod(tiles)))
+  except (AttributeError, TypeError, ValueError):  # another JAX's API
+    return None
+  if (not in_order or len(tiles) != ndim + len(extra)
+      or any(t != "REPLICATED" for t in extra)):  # manual, unreduced
+    return None
+  return tiles
+
+
 def _mesh_from_tiles(sharding, shape) -> tuple[Mesh, PartitionSpec]:
   """``(mesh, spec)`` for a sharding without a named mesh, made from its
   tiles.
@@ -133,24 +155,9 @@ def _mesh_from_tiles(sharding, shape) -> tuple[Mesh, PartitionSpec]:
   replicated, as any sharding did before.
   """
   devices = sorted(sharding.device_set, key=lambda d: d.id)
-  replicated = Mesh(np.array(devices), ("replica",)), PartitionSpec()
-  try:
-    # pylint: disable-next=protected-access
-    hlo = sharding._to_xla_hlo_sharding(len(shape))
-  except (AttributeError, TypeError, ValueError):
-    return replicated
-  if not hlo.is_tiled() or hlo.is_manual():
-    return replicated
-  tiles = tuple(hlo.tile_assignment_dimensions())
-  # Tile dims past the array's: replicas (manual or unreduced ones refuse).
-  extra = [t.name for t in hlo.subgroup_types()]
-  if hlo.replicate_on_last_tile_dim():
-    extra = ["REPLICATED"]
-  if (any(t != "REPLICATED" for t in extra)
-      or len(tiles) != len(shape) + len(extra)
-      or list(hlo.tile_assignment_devices()) != list(range(math.prod(tiles)))
-      or math.prod(tiles) > len(devices)):
-    return replicated
+  tiles = _tiles(sharding, len(shape))
+  if tiles is None or math.prod(tiles) > len(devices):
+    return Mesh(np.array(devices), ("replica",)), PartitionSpec()
   split = [d for d in range(len(shape)) if tiles[d] > 1]
   names = tuple(f"dim{d}" for d in split)
   grid = np.array(devices[:math.prod(tiles)]).reshape(

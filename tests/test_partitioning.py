@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import types
 from unittest import mock
 
 import jax
@@ -181,6 +183,35 @@ def test_the_plan_follows_the_leading_operand():
   assert plan(P(("data", "model")), 8, 16, 8, 8) == (
       ("data", "model"), (), (), ())
   assert plan(P(), 8, 16, 8, 8) == ((), (), (), ())
+
+
+def test_tiles_read_from_a_gspmd_sharding():
+  """Inside a partly manual shard_map the kernels get GSPMD shardings:
+  their tiles give the split when the devices are in tile order and the
+  extra tile dims replicate, else nothing (the kernel runs unsplit)."""
+  def sharding(dims, devices=None, last_replicated=False, subgroups=(),
+               manual=False):
+    hlo = types.SimpleNamespace(
+        is_tiled=lambda: True, is_manual=lambda: manual,
+        tile_assignment_dimensions=lambda: list(dims),
+        tile_assignment_devices=lambda: list(
+            range(math.prod(dims)) if devices is None else devices),
+        replicate_on_last_tile_dim=lambda: last_replicated,
+        subgroup_types=lambda: [types.SimpleNamespace(name=t)
+                                for t in subgroups])
+    return types.SimpleNamespace(_to_xla_hlo_sharding=lambda ndim: hlo)
+
+  tiles = partitioning._tiles  # pylint: disable=protected-access
+  assert tiles(sharding((2, 1, 4, 1)), 4) == (2, 1, 4, 1)
+  assert tiles(sharding((2, 1, 1, 1, 4), last_replicated=True), 4) == (
+      2, 1, 1, 1, 4)
+  assert tiles(sharding((2, 1, 1, 1, 4), subgroups=("REPLICATED",)), 4) == (
+      2, 1, 1, 1, 4)
+  assert tiles(sharding((2, 1, 1, 1, 4), subgroups=("MANUAL",)), 4) is None
+  assert tiles(sharding((2, 1, 4, 1), devices=[0, 2, 4, 6, 1, 3, 5, 7]),
+               4) is None
+  assert tiles(sharding((2, 1, 4, 1), manual=True), 4) is None
+  assert tiles(object(), 4) is None
 
 
 def test_sharding_rule_shares_batch_row_and_head_factors():
