@@ -115,15 +115,17 @@ def test_query_heads_split_over_shared_kv_heads(backend, K, parts):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("masks,parts", [
-    ("per_example_and_head", (2, 2, 2)), ("shared_mask", (1, 1, 4)),
-    ("window", (2, 1, 4))])
-def test_split_over_query_rows_equals_the_whole_call(backend, masks, parts):
+@pytest.mark.parametrize("masks,K,parts", [
+    ("per_example_and_head", 2, (2, 2, 2)), ("shared_mask", 2, (1, 1, 4)),
+    ("window", 2, (2, 1, 4)), ("per_example_and_head", 1, (1, 2, 2))])
+def test_split_over_query_rows_equals_the_whole_call(backend, masks, K,
+                                                     parts):
   """Query rows split in 2 or 4 (rows 0-7 and 8-15, or four): each shard
   attends its rows to all the keys at their global positions (causal and
   window bands, query lengths, dropout bits), and the kv gradients are
-  summed over the shards; the unsplit call's output, lse and gradients."""
-  _assert_split_equals_whole(backend, masks, K=2, parts=parts)
+  summed over the shards (and over head shards sharing one kv head, with
+  MQA); the unsplit call's output, lse and gradients."""
+  _assert_split_equals_whole(backend, masks, K=K, parts=parts)
 
 
 def test_split_without_dropout_needs_no_offsets():
