@@ -114,13 +114,18 @@ def test_query_heads_split_over_shared_kv_heads(backend, K, parts):
                              parts=parts)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("masks,K,parts", [
-    ("per_example_and_head", 2, (2, 2, 2)),
-    pytest.param("shared_mask", 2, (1, 1, 4), marks=pytest.mark.slow),
-    pytest.param("window", 2, (2, 1, 4), marks=pytest.mark.slow),
-    pytest.param("per_example_and_head", 1, (1, 2, 2),
-                 marks=pytest.mark.slow)])
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("backend,masks,K,parts", [
+    ("gpu", "per_example_and_head", 2, (2, 2, 2)),
+    ("tpu", "per_example_and_head", 2, (1, 1, 2)),
+    pytest.param("tpu", "per_example_and_head", 2, (2, 2, 2), marks=_SLOW),
+    *(pytest.param(backend, masks, K, parts, marks=_SLOW)
+      for backend in ("gpu", "tpu")
+      for masks, K, parts in (("shared_mask", 2, (1, 1, 4)),
+                              ("window", 2, (2, 1, 4)),
+                              ("per_example_and_head", 1, (1, 2, 2))))])
 def test_split_over_query_rows_equals_the_whole_call(backend, masks, K,
                                                      parts):
   """Query rows split in 2 or 4 (rows 0-7 and 8-15, or four): each shard
