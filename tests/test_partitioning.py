@@ -137,8 +137,8 @@ def test_split_over_query_rows_equals_the_whole_call(backend, masks, K,
 
 
 def test_split_without_dropout_needs_no_offsets():
-  """Without dropout the kernels ask for no offsets (no iota operands):
-  the shards see zero offsets and still agree."""
+  """Without dropout (and with K == N) the kernels ask for no batch or
+  head offsets: the shards see static zeros and still agree."""
   q, k, v, _ = _inputs(N=2, K=2)
   (_, want), _ = _loss_and_grads("gpu", q, k, v, causal=True)
   calls = []
