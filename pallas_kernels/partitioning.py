@@ -232,6 +232,19 @@ def place_kv_head(results, roles, kv_head, K: int):
   return [place(x, r) if "k" in r else x for x, r in zip(results, roles)]
 
 
+def _run_shard(kernel, shard: Shard, flat, tree, roles, out_roles, *,
+               N: int, K: int, one_kv: bool) -> tuple:
+  """``kernel`` on one shard's flat operands (``roles``). With ``one_kv``
+  its query heads share one kv head, which it reads from the whole set,
+  and its kv results are widened to all ``K`` heads for the sum."""
+  if not one_kv:
+    return tuple(kernel(shard, *tree.unflatten(flat)))
+  kv_head = shard.head_offset // (N // K)
+  flat = one_kv_head(flat, roles, kv_head)
+  return tuple(place_kv_head(kernel(shard, *tree.unflatten(flat)),
+                             out_roles, kv_head, K))
+
+
 def _sharding(mesh, roles: str, plan: _Plan):
   """The sharding of an operand with ``roles`` under ``plan``."""
   by_role = {"b": plan.batch or None, "t": plan.seq or None,
@@ -312,23 +325,18 @@ def call(kernel: Callable, args: tuple, roles: tuple, out_roles: tuple, *,
                      jnp.arange(N, dtype=jnp.int32)]
   role_leaves = role_leaves + ["b", "t", "n"]
   sums_kv = any("k" in r for r in out_roles)
+  ids = offsets or K < N
 
   def local(sizes, plan: _Plan, *flat):
     """The kernel on one shard of ``sizes`` (local B, T, N, K)."""
     *flat, b_ids, t_ids, n_ids = flat
-    ids = offsets or K < N
     shard = Shard(*sizes, batch_offset=b_ids[0] if ids else 0,
                   head_offset=n_ids[0] if ids else 0,
                   q_offset=t_ids[0] if plan.seq else 0)
-    if plan.heads_alone:
-      kv_head = shard.head_offset // (N // K)
-      flat = one_kv_head(flat, kernel_roles, kv_head)
-      results = place_kv_head(kernel(shard, *tree.unflatten(flat)),
-                              out_roles, kv_head, K)
-    else:
-      results = kernel(shard, *tree.unflatten(flat))
+    results = _run_shard(kernel, shard, flat, tree, kernel_roles, out_roles,
+                         N=N, K=K, one_kv=bool(plan.heads_alone))
     if not plan.kv_sum:
-      return tuple(results)
+      return results
     return tuple(jax.lax.psum(x, plan.kv_sum) if "k" in r else x
                  for x, r in zip(results, out_roles))
 
@@ -420,9 +428,9 @@ def call_split_by_hand(kernel: Callable, args: tuple, roles: tuple,
         x = jax.lax.slice_in_dim(x, i * size, (i + 1) * size, axis=axis)
     return x
 
+  ids = offsets or K < N
   cells = {}
   for bi, hi, ti in itertools.product(range(nb), range(nh), range(nt)):
-    ids = offsets or K < N
     shard = Shard(
         B // nb, T // nt, N // nh, 1 if shared_kv else K // nh,
         batch_offset=jnp.int32(bi * B // nb) if ids else 0,
@@ -430,27 +438,21 @@ def call_split_by_hand(kernel: Callable, args: tuple, roles: tuple,
         q_offset=jnp.int32(ti * T // nt) if nt > 1 else 0)
     index = {"b": bi, "n": hi, "t": ti}
     local = [piece(x, r, index) for x, r in zip(leaves, role_leaves)]
-    if shared_kv:
-      kv_head = shard.head_offset // (N // K)
-      local = one_kv_head(local, role_leaves, kv_head)
-      cells[bi, hi, ti] = place_kv_head(
-          kernel(shard, *tree.unflatten(local)), out_roles, kv_head, K)
-    else:
-      cells[bi, hi, ti] = kernel(shard, *tree.unflatten(local))
+    cells[bi, hi, ti] = _run_shard(kernel, shard, local, tree, role_leaves,
+                                   out_roles, N=N, K=K, one_kv=shared_kv)
 
-  def join(j, r, pick, role, count):
-    """Result ``j`` over ``count`` shards along ``role``: concatenated
-    where it is split, summed where each shard holds a part."""
-    parts_ = [pick(c) for c in range(count)]
+  def join(pieces, r: str, role: str):
+    """One result's ``pieces`` along ``role``: concatenated where the
+    result (roles ``r``) is split, summed where each holds a part."""
     if role in r:
-      return jnp.concatenate(parts_, axis=r.index(role))
-    return sum(parts_)
+      return jnp.concatenate(pieces, axis=r.index(role))
+    return sum(pieces)
 
   outs = []
   for j, r in enumerate(out_roles):
     heads = "k" if "k" in r and not shared_kv else "n"
-    outs.append(join(j, r, lambda bi: join(
-        j, r, lambda hi: join(
-            j, r, lambda ti: cells[bi, hi, ti][j], "t", nt),
-        heads, nh), "b", nb))
+    outs.append(join([
+        join([join([cells[bi, hi, ti][j] for ti in range(nt)], r, "t")
+              for hi in range(nh)], r, heads)
+        for bi in range(nb)], r, "b"))
   return tuple(outs)

@@ -1,4 +1,5 @@
-"""Batch/head splitting of the flash kernels (``pallas_kernels.partitioning``).
+"""Batch, head and query-row splitting of the flash kernels
+(``pallas_kernels.partitioning``).
 
 Shape letters: B batch, T query length, S key/value length, N query heads,
 K key/value heads, H head dim.
@@ -7,9 +8,9 @@ On one device the wrapper steps aside, so these tests replace
 ``partitioning.call`` with ``partitioning.call_split_by_hand``, which does
 on one device what the partitioner does on a mesh: it cuts every operand
 by its roles into batch x head x query-row shards, runs the kernel on each
-with its :class:`Shard`, and joins the results. A wrong role, a local size left global or a
-dropout offset that is not added shows up as a difference from the unsplit
-call (forward, log-sum-exp and gradients). The multi-device checks
+with its :class:`Shard`, and joins the results. A wrong role, a local size
+left global or an offset that is not added shows up as a difference from
+the unsplit call (forward, log-sum-exp and gradients). The multi-device checks
 (``tests/multidevice/partitioning_checks.py``) run the real partitioner.
 """
 
@@ -30,10 +31,6 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from pallas_kernels import partitioning
 from tests.tolerances import FORWARD, GRAD, assert_close
-
-
-_split_call = functools.partial(partitioning.call_split_by_hand,
-                                parts=(2, 2, 1))
 
 
 def _inputs(B=4, T=16, S=12, N=4, K=2, H=8, seed=0):
@@ -84,7 +81,7 @@ def _assert_split_equals_whole(backend, masks, *, K, parts):
   kw = dict(_mask_kwargs(masks, 4, 16, 12, 4, key), dropout_rate=0.3,
             dropout_rng=jax.random.key(7))
   (_, want_aux), want_grads = _loss_and_grads(backend, q, k, v, **kw)
-  split = functools.partial(_split_call, parts=parts)
+  split = functools.partial(partitioning.call_split_by_hand, parts=parts)
   with mock.patch.object(partitioning, "call", split):
     (_, got_aux), got_grads = _loss_and_grads(backend, q, k, v, **kw)
   for got, want in zip(got_aux, want_aux):
@@ -145,7 +142,7 @@ def test_split_without_dropout_needs_no_offsets():
 
   def spy(*args, **kw):
     calls.append(kw["offsets"])
-    return _split_call(*args, **kw)
+    return partitioning.call_split_by_hand(*args, **kw, parts=(2, 2, 1))
 
   with mock.patch.object(partitioning, "call", spy):
     (_, got), _ = _loss_and_grads("gpu", q, k, v, causal=True)
