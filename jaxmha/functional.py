@@ -173,7 +173,18 @@ def _dense(x, params: dict, equation: str):
   return y
 
 
+def _reject_shape_struct(name: str, x):
+  """A TypeError for a ``jax.ShapeDtypeStruct`` where an array is needed
+  (only :func:`explain` takes shapes in place of arrays)."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    raise TypeError(
+        f"`{name}` must be an array; got jax.ShapeDtypeStruct(shape="
+        f"{x.shape}, dtype={x.dtype}). Only jaxmha.explain takes shapes in "
+        "place of arrays.")
+
+
 def _as_array(name: str, x):
+  _reject_shape_struct(name, x)
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     try:
       x = jnp.asarray(x)
@@ -227,6 +238,10 @@ def _prepare_call(params, cfg, query, value, key, *, attention_mask,
                   dropout_rng, return_attention_scores, dtype,
                   abstract: bool = False) -> _Call:
   _check_cfg(cfg)
+  for name, mask in (("attention_mask", attention_mask),
+                     ("query_mask", query_mask), ("value_mask", value_mask),
+                     ("key_mask", key_mask)):
+    _reject_shape_struct(name, mask)
   query = _as_array("query", query)
   value = _as_array("value", value)
   key = value if key is None else _as_array("key", key)
@@ -465,7 +480,8 @@ def explain(cfg: MHAConfig, query, value, key=None, *, attention_mask=None,
   """Which attention path a call of :func:`apply` takes, and why.
 
   Takes ``apply``'s arguments without ``params``; ``query``, ``value`` and
-  ``key`` may be arrays (or nested lists) or ``jax.ShapeDtypeStruct``.
+  ``key`` and the masks may be arrays (or nested lists) or
+  ``jax.ShapeDtypeStruct``.
   Calls with a ``cache`` always take the decode path (:mod:`jaxmha.decode`),
   so ``cache`` is not an argument here.
 
@@ -478,12 +494,25 @@ def explain(cfg: MHAConfig, query, value, key=None, *, attention_mask=None,
   """
   if dropout_rng is None and training and cfg.dropout > 0:
     dropout_rng = jax.random.key(0)  # only shapes matter here
-  call = _prepare_call(
-      None, cfg, query, value, key, attention_mask=attention_mask,
-      query_mask=query_mask, value_mask=value_mask, key_mask=key_mask,
-      use_causal_mask=use_causal_mask, training=training,
-      dropout_rng=dropout_rng,
-      return_attention_scores=return_attention_scores,
-      dtype=dtype, abstract=True)
-  _, explanation = dispatch.choose(call.request)
-  return explanation
+  given = dict(query=query, value=value, key=key,
+               attention_mask=attention_mask, query_mask=query_mask,
+               value_mask=value_mask, key_mask=key_mask)
+  # Shapes are traced as arrays of their shape; all else is used as given.
+  shapes = {name: x for name, x in given.items()
+            if isinstance(x, jax.ShapeDtypeStruct)}
+  explanations = []
+
+  def choose(traced):
+    a = {**given, **traced}
+    call = _prepare_call(
+        None, cfg, a["query"], a["value"], a["key"],
+        attention_mask=a["attention_mask"], query_mask=a["query_mask"],
+        value_mask=a["value_mask"], key_mask=a["key_mask"],
+        use_causal_mask=use_causal_mask, training=training,
+        dropout_rng=dropout_rng,
+        return_attention_scores=return_attention_scores,
+        dtype=dtype, abstract=True)
+    explanations.append(dispatch.choose(call.request)[1])
+
+  jax.eval_shape(choose, shapes)
+  return explanations[0]

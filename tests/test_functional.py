@@ -397,6 +397,32 @@ def test_explain_names_the_blockwise_path_for_long_sequences():
   assert jaxmha.explain(cfg, lists, lists).path == "xla"
 
 
+def test_explain_takes_shapes_for_masks_and_apply_refuses_shapes():
+  """A mask given to explain as a ``jax.ShapeDtypeStruct`` is checked and
+  dispatched as an array of its shape would be; apply names any shape it is
+  given where it needs an array."""
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=64),
+                             B=2, T=256, S=192)
+  shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  masks = dict(attention_mask=jnp.ones((2, 256, 192), bool),
+               query_mask=jnp.ones((2, 256), bool),
+               value_mask=jnp.ones((1, 192), jnp.int32))
+  with mock.patch.object(jax, "default_backend", lambda: "gpu"):
+    for name, mask in masks.items():
+      by_array = jaxmha.explain(cfg, q, v, **{name: mask})
+      by_shape = jaxmha.explain(cfg, shape(q), shape(v), **{name: shape(mask)})
+      assert by_shape == by_array, name
+  bad = jax.ShapeDtypeStruct((7, 9), jnp.bool_)
+  for name in masks:
+    with pytest.raises(ValueError, match=rf"`{name}`.*\(7, 9\)"):
+      jaxmha.explain(cfg, q, v, **{name: bad})
+    with pytest.raises(TypeError, match=rf"`{name}` must be an array.*"
+                       r"ShapeDtypeStruct\(shape=\(7, 9\)"):
+      jaxmha.apply(params, cfg, q, v, **{name: bad})
+  with pytest.raises(TypeError, match="`query` must be an array"):
+    jaxmha.apply(params, cfg, shape(q), v)
+
+
 def test_forward_mode_autodiff_on_the_fused_path():
   """The README's rule: jvp of the custom_vjp blockwise path fails and
   ``use_path("xla")`` gives it at any length; forward over reverse works on
