@@ -204,6 +204,19 @@ def test_linen_seed_layer_runs_inference_on_params_alone():
   assert not np.allclose(out, layer.apply(variables, x, x))
 
 
+def test_linen_seed_layer_initialises_in_training_mode():
+  """init with ``training=True`` and no dropout rng (as a parent module
+  that initialises in training mode does) returns the variables it returns
+  in inference mode, the counter at 0."""
+  layer = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.5,
+                                    seed=7)
+  x = jax.random.normal(jax.random.key(0), (1, 6, 8))
+  trained = layer.init(jax.random.key(0), x, x, training=True)
+  inferred = layer.init(jax.random.key(0), x, x)
+  assert int(trained["dropout_counter"]["step"]) == 0
+  jax.tree.map(np.testing.assert_array_equal, trained, inferred)
+
+
 def test_linen_dtype_and_param_dtype():
   layer = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4,
                                     dtype=jnp.bfloat16,
