@@ -391,21 +391,18 @@ def apply_with_projections(params: Params, cfg: MHAConfig, query, value,
     updated cache (the decode path, :mod:`jaxmha.decode`).
 
   Under a mesh with Explicit axes (``jax.make_mesh``'s default), a call
-  without context parallelism runs with those axes made Auto
-  (``jax.sharding.auto_axes``), so XLA's propagation places its internals
-  (as under an Auto mesh). The results keep their input's sharding on the
+  runs with those axes made Auto (``jax.sharding.auto_axes``), so XLA's
+  propagation places its internals (as under an Auto mesh; ring attention
+  then runs manual over its sequence axis alone, its kernels split over
+  the others). The results keep their input's sharding on the
   batch and query dims (the query's for the output and scores, each
   input's for its projection), none on heads and features; the updated
   cache keeps the cache's.
   """
   from jaxmha import sharding  # pylint: disable=g-import-not-at-top
   operands = (params, query, value, key, cache, new_lengths, kwargs)
-  explicit = None
-  # Ring attention handles Explicit axes itself: it keeps them manual in
-  # its shard_map, so that its kernels run per shard on them too.
-  if dispatch.context_parallel_axis(cfg) is None:
-    explicit = sharding._explicit_mesh(  # pylint: disable=protected-access
-        operands)
+  explicit = sharding._explicit_mesh(  # pylint: disable=protected-access
+      operands)
   out_specs = explicit and _explicit_out_specs(cfg, *operands)
   if out_specs is not None:
 

@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import pallas_kernels
 from pallas_kernels import api as kernel_api
@@ -472,7 +472,7 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False,
   Raises:
     ValueError, TypeError: bad arguments, naming them and the shapes.
 
-  >>> from jax.sharding import PartitionSpec as P
+  >>> from jax.sharding import NamedSharding, PartitionSpec as P
   >>> mesh = jax.make_mesh((1,), ("seq",),
   ...                      axis_types=(jax.sharding.AxisType.Auto,))
   >>> x = jax.random.normal(jax.random.key(0), (1, 16, 2, 8))
@@ -612,7 +612,8 @@ def _axis_mode(axis: str):
   if axis in getattr(mesh, "manual_axes", ()):
     return mesh, True
   scope = _SCOPE.get()
-  if scope is not None and scope[1] is not None and scope[0] == axis:
+  if (scope is not None and scope[1] is not None and scope[0] == axis
+      and (mesh.empty or axis not in mesh.axis_names)):
     return scope[1], False
   if mesh.empty or axis not in mesh.axis_names:
     raise ValueError(
@@ -624,12 +625,9 @@ def _axis_mode(axis: str):
   return mesh, False
 
 
-def _ring_spec(x, axis: str, mesh) -> P:
-  """The spec of ``x`` with the sequence (dim 1) on ``axis``.
-
-  Explicit mesh axes that shard ``x`` elsewhere (batch, heads) stay; the
-  ring axis is removed from every other dim.
-  """
+def _explicit_entries(x, mesh, axis: str) -> tuple:
+  """The Explicit axes of ``mesh``, but ``axis``, that shard each dim of
+  ``x``."""
   spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec",
                        None) or ())
   spec = spec + (None,) * (x.ndim - len(spec))
@@ -637,13 +635,27 @@ def _ring_spec(x, axis: str, mesh) -> P:
 
   def keep(entry):
     names = entry if isinstance(entry, tuple) else (entry,)
-    names = tuple(a for a in names if a is not None and a != axis
-                  and a in explicit)
+    names = tuple(a for a in names if a in explicit and a != axis)
     return names if len(names) > 1 else (names[0] if names else None)
 
-  entries = [keep(e) for e in spec]
-  entries[1] = axis
-  return P(*entries)
+  return tuple(keep(e) for e in spec)
+
+
+def _ring_specs(q, k, v, axis: str, mesh) -> tuple[P, P]:
+  """``(qkv_spec, ids_spec)``: one spec for the (B, L, N, H) operands and
+  one for the (B, L) segment ids, the sequence (dim 1) on ``axis``.
+
+  The batch dim keeps the Explicit axes that shard ``q``'s, so that every
+  operand has the same local batch; the heads dim keeps those shared by
+  ``q``, ``k`` and ``v`` (else none: a query head must find its kv head in
+  the same shard). Nothing else is split: a ring block needs whole head
+  dims.
+  """
+  entries = [_explicit_entries(x, mesh, axis) for x in (q, k, v)]
+  batch = entries[0][0]
+  heads = {e[2] for e in entries}
+  heads = heads.pop() if len(heads) == 1 else None
+  return P(batch, axis, heads, None), P(batch, axis)
 
 
 ATTENTION_MASK_REFUSAL = (
@@ -729,9 +741,14 @@ class RingPath:
       return ring_attention(q, k, v, segment_ids=ids, **kwargs)
 
     operands = (req.q, req.k, req.v, ids)
-    specs = jax.tree.map(lambda x: _ring_spec(x, axis, mesh), operands)
+    qkv_spec, ids_spec = _ring_specs(req.q, req.k, req.v, axis, mesh)
+    specs = (qkv_spec,) * 3 + (None if ids is None else (ids_spec,) * 2,)
     if axis in getattr(mesh, "explicit_axes", ()):
-      operands = jax.tree.map(jax.sharding.reshard, operands, specs)
+      # A NamedSharding, not a bare spec: `mesh` may be the one given to
+      # `context_parallel`, with no mesh context around this call.
+      operands = jax.tree.map(
+          lambda x, s: jax.sharding.reshard(x, NamedSharding(mesh, s)),
+          operands, specs)
     manual_axes = {axis} | set(getattr(mesh, "explicit_axes", ()))
     # Interpret-mode kernels (forced flash on CPU) do not type their loop
     # carries as varying over the manual axis: no check_vma for them.

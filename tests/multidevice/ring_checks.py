@@ -244,18 +244,36 @@ def layer_config_under_a_mesh_matches_single_device():
 
 @check
 def layer_config_with_explicit_mesh_axes():
-  """The default ``jax.make_mesh`` axes are Explicit in JAX 0.10."""
-  x, _, _, _ = _layer_setup()
-  cfg = jaxmha.MHAConfig(num_heads=2, key_dim=8)
+  """The default ``jax.make_mesh`` axes are Explicit in JAX 0.10: batch- and
+  sequence-sharded inputs with a padding mask on the keys alone,
+  heads-sharded params, and :func:`jaxmha.context_parallel` given such a
+  mesh with no mesh context around the call."""
+  x, _, _, value_mask = _layer_setup()
+  cfg = jaxmha.MHAConfig(num_heads=4, key_dim=8, num_key_value_heads=2)
   params = jaxmha.init_params(jax.random.key(1), cfg, x.shape, x.shape)
-  mesh = jax.make_mesh((2, 4), ("data", "seq"))
-  fn = lambda cfg: jax.jit(lambda p, x: jaxmha.apply(p, cfg, x, x,
-                                                     use_causal_mask=True))
-  want = fn(cfg)(params, x)
+  mesh = jax.make_mesh((2, 2, 2), ("data", "model", "seq"))
+
+  def out(cfg, params, x, vm):
+    return jaxmha.apply(params, cfg, x, x, value_mask=vm,
+                        use_causal_mask=True)
+
+  step = lambda cfg: jax.jit(jax.value_and_grad(
+      lambda p, x, vm: jnp.sum(out(cfg, p, x, vm) ** 2), argnums=(0, 1)))
+  want = jax.jit(functools.partial(out, cfg))(params, x, value_mask)
+  want_loss, want_g = step(cfg)(params, x, value_mask)
+  ring_cfg = cfg.replace(context_parallel_axis="seq")
   with jax.set_mesh(mesh):
-    xs = jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
-    got = fn(cfg.replace(context_parallel_axis="seq"))(params, xs)
-  assert_close(got, want)
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P("data", "seq")))
+    heads = jaxmha.shard_params(params, mesh,
+                                {"heads": "model", "kv_heads": "model"})
+    got_loss, got_g = step(ring_cfg)(heads, put(x), put(value_mask))
+  assert_close(got_loss, want_loss, err_msg="loss")
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    assert_close(g, w, GRAD, err_msg="grads")
+  ring = jax.jit(jaxmha.context_parallel(functools.partial(out, cfg), "seq",
+                                         mesh=mesh))
+  assert "collective_permute" in ring.lower(params, x, value_mask).as_text()
+  assert_close(ring(params, x, value_mask), want, err_msg="context_parallel")
 
 
 @check
