@@ -106,9 +106,7 @@ class BlockSizes:
       value = getattr(self, name)
       if value is None and name.endswith("_bwd"):
         continue
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"BlockSizes.{name} must be a positive int. "
-                         f"Received: {name}={value!r}")
+      common.store_int_field(self, name, "a positive int", lambda v: v > 0)
 
   @property
   def backward(self) -> "BlockSizes":

@@ -95,6 +95,19 @@ def check_qkv(q, k, v) -> Problem:
   return Problem(B=B, T=T, S=S, N=N, K=K, H=H, Hv=v.shape[3])
 
 
+def store_int_field(obj, name: str, requirement: str, ok) -> None:
+  """Checks that dataclass field ``name`` of ``obj`` is an int (Python or
+  NumPy, not a bool) for which ``ok`` holds, and stores it as a Python int
+  (a NumPy int would reach a kernel's grid as an array); else a ValueError
+  that says ``requirement``."""
+  value = getattr(obj, name)
+  if (not isinstance(value, (int, np.integer))
+      or isinstance(value, (bool, np.bool_)) or not ok(int(value))):
+    raise ValueError(f"{type(obj).__name__}.{name} must be {requirement}. "
+                     f"Received: {name}={value!r}")
+  object.__setattr__(obj, name, int(value))
+
+
 def is_real_scalar(x) -> bool:
   """One real number: a Python, NumPy or 0-d JAX scalar; not a bool, a
   string, or an array of another shape."""
@@ -118,7 +131,21 @@ def _real(name: str, x, what: str) -> float:
   """``x`` as a float, or a TypeError naming ``name``."""
   if not is_real_scalar(x):
     raise TypeError(f"`{name}` must be {what}; got {name}={x!r}.")
-  return float(x)
+  try:
+    return float(x)
+  except jax.errors.ConcretizationTypeError:
+    raise TypeError(
+        f"`{name}` must be {what}, a Python or NumPy scalar known while "
+        f"tracing; got a traced value, {name}={x}.") from None
+
+
+def _flag(name: str, x) -> bool:
+  """``x`` as a bool, or a TypeError naming ``name`` (strings, arrays and
+  traced values are refused: a flag decides which blocks run)."""
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  raise TypeError(f"`{name}` must be a Python bool, known while tracing; "
+                  f"got {name}={x!r}.")
 
 
 def prepare(q, k, v, *, causal: bool = False, segment_ids: Any = None,
@@ -127,7 +154,7 @@ def prepare(q, k, v, *, causal: bool = False, segment_ids: Any = None,
             dropout_rate: float = 0.0, dropout_rng=None) -> Prepared:
   """Validates a call's arguments; see ``pallas_kernels.flash_attention``."""
   problem = check_qkv(q, k, v)
-  spec = masks_lib.MaskSpec.from_args(causal=bool(causal),
+  spec = masks_lib.MaskSpec.from_args(causal=_flag("causal", causal),
                                       sliding_window=sliding_window)
   data = masks_lib.normalize_mask_data(
       problem.B, problem.T, problem.S, problem.N, segment_ids=segment_ids,

@@ -100,22 +100,16 @@ class BlockSizes:
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
       if f.name.startswith("block_"):
-        if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-            or not _is_pow2(int(value)) or value < MIN_BLOCK):
-          raise ValueError(
-              f"BlockSizes.{f.name} must be a power of two >= {MIN_BLOCK}. "
-              f"Received: {f.name}={value!r}")
-    if self.num_warps is not None and (
-        not isinstance(self.num_warps, (int, np.integer))
-        or not _is_pow2(int(self.num_warps)) or self.num_warps > 32):
-      raise ValueError("BlockSizes.num_warps must be None or a power of two "
-                       f"<= 32. Received: num_warps={self.num_warps!r}")
-    if (not isinstance(self.num_stages, (int, np.integer))
-        or self.num_stages < 1):
-      raise ValueError("BlockSizes.num_stages must be a positive int. "
-                       f"Received: num_stages={self.num_stages!r}")
+        common.store_int_field(self, f.name,
+                               f"a power of two >= {MIN_BLOCK}",
+                               lambda v: _is_pow2(v) and v >= MIN_BLOCK)
+    if self.num_warps is not None:
+      common.store_int_field(self, "num_warps",
+                             "None or a power of two <= 32",
+                             lambda v: _is_pow2(v) and v <= 32)
+    common.store_int_field(self, "num_stages", "a positive int",
+                           lambda v: v >= 1)
 
   @classmethod
   def get_default(cls, H: int = 64, Hv: Optional[int] = None,

@@ -107,13 +107,10 @@ class BlockSizes:
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
       multiple = _LANES if f.name.startswith("block_k") else _SUBLANES
-      if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-          or value <= 0 or value % multiple):
-        raise ValueError(
-            f"BlockSizes.{f.name} must be a positive multiple of {multiple}. "
-            f"Received: {f.name}={value!r}")
+      common.store_int_field(
+          self, f.name, f"a positive multiple of {multiple}",
+          lambda v, m=multiple: v > 0 and v % m == 0)
 
   @classmethod
   def uniform(cls, block_q: int, block_k: int) -> "BlockSizes":

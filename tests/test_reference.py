@@ -118,6 +118,8 @@ def test_kernel_api_argument_errors_name_the_argument():
       (dict(dropout_rate=0.1, dropout_rng=0), TypeError, "dropout_rng"),
       (dict(sliding_window=(-1, 2)), ValueError, r"sliding_window=\(-1, 2\)"),
       (dict(mask=jnp.ones((16, 15), bool)), ValueError, r"got \(16, 15\)"),
+      (dict(causal="False"), TypeError, "causal='False'"),
+      (dict(causal=jnp.array(True)), TypeError, "causal"),
       # (backend="gpu" without interpret stays legal off a GPU: it lowers
       # for a CUDA target ahead of time, see test_lowers_to_triton.)
       (dict(backend="tpu"), pallas_kernels.UnsupportedCallError,
@@ -126,6 +128,15 @@ def test_kernel_api_argument_errors_name_the_argument():
   for kwargs, error, match in cases:
     with pytest.raises(error, match=match):
       call(**{"backend": "xla", **kwargs})
+  # Traced where a value is needed while tracing.
+  traced = [("scale", lambda x: call(backend="xla", scale=x)),
+            ("dropout_rate", lambda x: call(backend="xla", dropout_rate=x,
+                                            dropout_rng=key)),
+            ("causal", lambda x: call(backend="xla", causal=x > 0))]
+  for name, fn in traced:
+    with pytest.raises(TypeError,
+                       match=f"`{name}` must be .*known while tracing"):
+      jax.jit(fn)(0.5)
   # NumPy and concrete JAX scalars are numbers too.
   want = call(backend="xla", scale=0.5, dropout_rate=0.25, dropout_rng=key)
   for scalar in (np.float32, jnp.float32):

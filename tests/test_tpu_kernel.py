@@ -19,6 +19,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -396,3 +397,13 @@ def test_block_sizes_validation():
   with pytest.raises(TypeError, match="block_sizes"):
     pallas_kernels.flash_attention(q, q, q, backend="tpu", interpret=True,
                                    block_sizes=(128, 128))
+  # NumPy ints are stored as Python ints: they size the kernels' grids.
+  q = jax.random.normal(jax.random.key(0), (1, 16, 1, 8))
+  run = lambda blocks: pallas_kernels.flash_attention(
+      q, q, q, backend="tpu", interpret=True, block_sizes=blocks)
+  numpy_blocks = tpu.BlockSizes(np.int64(8), np.int32(128), 8, 128, 8, 128)
+  assert {type(numpy_blocks.block_q), type(numpy_blocks.block_k)} == {int}
+  np.testing.assert_array_equal(run(numpy_blocks),
+                                run(tpu.BlockSizes(8, 128, 8, 128, 8, 128)))
+  with pytest.raises(ValueError, match="block_q"):
+    tpu.BlockSizes(block_q=np.bool_(True))
