@@ -190,6 +190,8 @@ def use_path(name: str):
 
   The path's own refusals still apply (e.g. ``xla_blockwise`` cannot return
   scores) and are raised, but the blockwise length threshold is waived.
+  It holds for what is traced inside the block: a jitted function that has
+  already traced these shapes outside it keeps the path it chose then.
 
   >>> import jax, jax.numpy as jnp, jaxmha
   >>> cfg = jaxmha.MHAConfig(num_heads=2, key_dim=4)

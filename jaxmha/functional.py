@@ -233,9 +233,10 @@ class _Call:
   projections: Optional[dict] = None
 
 
-def _prepare_call(params, cfg, query, value, key, *, attention_mask,
-                  query_mask, value_mask, key_mask, use_causal_mask, training,
-                  dropout_rng, return_attention_scores, dtype,
+def _prepare_call(params, cfg, query, value, key, *, attention_mask=None,
+                  query_mask=None, value_mask=None, key_mask=None,
+                  use_causal_mask=False, training=False, dropout_rng=None,
+                  return_attention_scores=False, dtype=None,
                   abstract: bool = False) -> _Call:
   _check_cfg(cfg)
   for name, mask in (("attention_mask", attention_mask),

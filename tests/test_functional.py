@@ -436,6 +436,21 @@ def test_explain_takes_shapes_for_masks_and_apply_refuses_shapes():
     jaxmha.apply(params, cfg, shape(q), v)
 
 
+def test_apply_with_projections_takes_apply_defaults():
+  """Called with apply's positional arguments alone, it returns apply's
+  output and each projection's."""
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8))
+  out, scores, projections = jaxmha.functional.apply_with_projections(
+      params, cfg, q, v)
+  np.testing.assert_array_equal(out, jaxmha.apply(params, cfg, q, v))
+  assert scores is None
+  np.testing.assert_array_equal(projections["attention_output"], out)
+  np.testing.assert_allclose(
+      projections["query"],
+      jnp.einsum("btd,dnh->btnh", q, params["query"]["kernel"])
+      + params["query"]["bias"], rtol=1e-6, atol=1e-6)
+
+
 def test_forward_mode_autodiff_on_the_fused_path():
   """The README's rule: jvp of the custom_vjp blockwise path fails and
   ``use_path("xla")`` gives it at any length; forward over reverse works on
