@@ -106,6 +106,8 @@ class MultiHeadAttention(nn.Module):
       ``"dropout"`` rng always wins.
     dtype: computation dtype (None: promote inputs and params).
     param_dtype: parameter dtype.
+    context_parallel_axis: as :class:`jaxmha.MHAConfig`'s (ring attention
+      over that mesh axis); ``init`` attends unsplit, so it needs no mesh.
 
   Call arguments are those of :func:`jaxmha.apply` minus ``params``,
   ``cfg`` and ``dropout_rng``; with ``cache=`` (and ``new_lengths=``) it
@@ -148,6 +150,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   num_key_value_heads: Optional[int] = None
+  context_parallel_axis: Optional[str] = None
 
   def __post_init__(self):
     # Validate eagerly, at construction, as Keras does.
@@ -171,7 +174,8 @@ class MultiHeadAttention(nn.Module):
         flash_attention=self.flash_attention,
         kernel_initializer=self.kernel_initializer,
         bias_initializer=self.bias_initializer,
-        num_key_value_heads=self.num_key_value_heads)
+        num_key_value_heads=self.num_key_value_heads,
+        context_parallel_axis=self.context_parallel_axis)
 
   def constraints_transform(self) -> optax.GradientTransformation:
     """An optax transformation projecting params onto this layer's
@@ -242,6 +246,9 @@ class MultiHeadAttention(nn.Module):
                return_attention_scores: bool = False, cache=None,
                new_lengths=None):
     cfg = self.config
+    if self.is_initializing() and cfg.context_parallel_axis is not None:
+      # init needs the shapes alone: it attends unsplit, needing no mesh.
+      cfg = cfg.replace(context_parallel_axis=None)
     key_input = value if key is None else key
     params = self._params(cfg, query, value, key_input)
     dropout_rng = self._dropout_rng(cfg, training)

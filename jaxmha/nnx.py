@@ -111,7 +111,8 @@ class MultiHeadAttention(nnx.Module):
                kernel_constraint: Any = None, bias_constraint: Any = None,
                seed: Optional[int] = None, dtype: Any = None,
                param_dtype: Any = jnp.float32,
-               num_key_value_heads: Optional[int] = None, *,
+               num_key_value_heads: Optional[int] = None,
+               context_parallel_axis: Optional[str] = None, *,
                query_features: int, value_features: Optional[int] = None,
                key_features: Optional[int] = None, rngs: nnx.Rngs):
     cfg = MHAConfig(
@@ -121,7 +122,8 @@ class MultiHeadAttention(nnx.Module):
         use_gate=use_gate, flash_attention=flash_attention,
         kernel_initializer=kernel_initializer,
         bias_initializer=bias_initializer,
-        num_key_value_heads=num_key_value_heads)
+        num_key_value_heads=num_key_value_heads,
+        context_parallel_axis=context_parallel_axis)
     functional.check_module_args(seed, dtype, param_dtype)
     if not isinstance(rngs, nnx.Rngs):
       raise TypeError(f"`rngs` must be an nnx.Rngs; got "

@@ -217,6 +217,37 @@ def test_linen_seed_layer_initialises_in_training_mode():
   jax.tree.map(np.testing.assert_array_equal, trained, inferred)
 
 
+def test_modules_take_context_parallel_axis():
+  """linen's and nnx's ``context_parallel_axis`` reach the config: their
+  calls take the ring over that axis of the mesh (one device here; the
+  multi-device checks cover the ring itself), but linen's init needs no
+  mesh."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  kwargs = dict(num_heads=2, key_dim=4, context_parallel_axis="seq")
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8))
+  linen = jaxmha.MultiHeadAttention(**kwargs)
+  variables = linen.init(jax.random.key(1), x, x)
+  nnx_layer = jaxmha.nnx.MultiHeadAttention(**kwargs, query_features=8,
+                                            rngs=nnx.Rngs(1))
+  calls = {"linen": lambda x: linen.apply(variables, x, x,
+                                          use_causal_mask=True),
+           "nnx": lambda x: nnx_layer(x, x, use_causal_mask=True)}
+  for name, call in calls.items():
+    cfg = (linen if name == "linen" else nnx_layer).config
+    assert cfg.context_parallel_axis == "seq", name
+    with pytest.raises(ValueError, match="context_parallel_axis='seq'"):
+      call(x)  # no mesh: no axis to ring over
+    with jax.set_mesh(jax.make_mesh((1,), ("seq",),
+                                    axis_types=(AxisType.Auto,))):
+      got = jax.jit(call)(x)
+    want = jaxmha.apply(
+        variables["params"] if name == "linen"
+        else nnx.to_pure_dict(nnx.state(nnx_layer, nnx.Param)),
+        cfg.replace(context_parallel_axis=None), x, x, use_causal_mask=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
+                               err_msg=name)
+
+
 def test_linen_dtype_and_param_dtype():
   layer = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4,
                                     dtype=jnp.bfloat16,
