@@ -307,6 +307,7 @@ MULTIDEVICE = {
     "ring": ("ring_checks", (
         "ring_matches_reference", "ring_with_gpu_kernel_in_interpret_mode",
         "layer_config_under_a_mesh_matches_single_device",
+        "layer_config_with_explicit_mesh_axes",
         "layer_errors_name_the_numbers")),
     "sharded_params_and_pmap": ("transform_checks", (
         "heads_sharded_train_step_equals_unsharded",
@@ -324,7 +325,6 @@ MULTIDEVICE = {
 }
 SLOW_MULTIDEVICE = {
     "ring_more": ("ring_checks", (
-        "layer_config_with_explicit_mesh_axes",
         "layer_config_inside_shard_map_matches_single_device",
         "context_parallel_wrapper_on_a_flax_model")),
     "ring_all_cases": ("ring_checks", ("ring_matches_reference_all_cases",)),

@@ -164,12 +164,13 @@ def ring_kernels_split_over_the_other_auto_axes():
   device's. With K=4 or 2 kv heads nothing is gathered (60 all-gathers
   before, every kernel call's operands); with one kv head the query
   heads are gathered (the shards could not sum the kv head's gradients
-  there) and the batch still splits."""
-  mesh = jax.make_mesh((2, 2, 2), ("data", "model", "seq"),
-                       axis_types=(AUTO,) * 3)
+  there) and the batch still splits. Explicit axes (``jax.make_mesh``'s
+  default) are made Auto around the layer, and split the same."""
   r = jax.random.split(jax.random.key(3), 2)
   x = jax.random.normal(r[0], (4, 32, 16))
-  for K in (4, 2, 1):
+  for kind, K in ((AUTO, 4), (AUTO, 2), (AUTO, 1), (EXPLICIT, 2)):
+    mesh = jax.make_mesh((2, 2, 2), ("data", "model", "seq"),
+                         axis_types=(kind,) * 3)
     cfg = jaxmha.MHAConfig(num_heads=4, key_dim=8, num_key_value_heads=K,
                            flash_attention=True)
     params = jaxmha.init_params(r[1], cfg, x.shape, x.shape)
@@ -188,15 +189,15 @@ def ring_kernels_split_over_the_other_auto_axes():
       xs = jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
       compiled = step.lower(sharded, xs, ring).compile()
       got = compiled(sharded, xs)
-    assert_close(got[0], want[0], err_msg=f"K={K}")
+    assert_close(got[0], want[0], err_msg=f"{kind}, K={K}")
     for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
-      assert_close(g, w, GRAD, err_msg=f"K={K}")
+      assert_close(g, w, GRAD, err_msg=f"{kind}, K={K}")
     gathers = collectives(compiled)["other"].get("all-gather", 0)
     if K > 1:
-      assert gathers == 0, (K, collectives(compiled))
+      assert gathers == 0, (kind, K, collectives(compiled))
     else:
       # Only the query heads' operands: q, out, d_out and the lse rows.
-      assert 0 < gathers < 60, (K, collectives(compiled))
+      assert 0 < gathers < 60, (kind, K, collectives(compiled))
 
 
 @check
