@@ -476,6 +476,9 @@ def apply_with_projections(params, cfg: MHAConfig, query, value, key=None,
     new_lengths: ``(B,)`` int, real tokens per example (ragged prefill).
     chunk_size: keys per chunk of :func:`cached_attention`; default
       :func:`default_chunk_size`.
+    attention_mask, query_mask, value_mask, key_mask, training,
+    return_attention_scores, dtype: as :func:`jaxmha.apply` (the module
+      docs say how masks meet the cache).
 
   Returns:
     ``(output (B, t, *E), None, projections, cache)``.

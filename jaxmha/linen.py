@@ -110,8 +110,9 @@ class MultiHeadAttention(nn.Module):
       over that mesh axis); ``init`` attends unsplit, so it needs no mesh.
 
   Call arguments are those of :func:`jaxmha.apply` minus ``params``,
-  ``cfg`` and ``dropout_rng``; with ``cache=`` (and ``new_lengths=``) it
-  decodes (:mod:`jaxmha.decode`) and returns ``(output, cache)``.
+  ``cfg``, ``dropout_rng`` and ``dtype`` (an attribute here); with
+  ``cache=`` (and ``new_lengths=``) it decodes (:mod:`jaxmha.decode`) and
+  returns ``(output, cache)``.
 
   >>> layer = MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.5, seed=0)
   >>> x = jnp.ones((1, 3, 8))

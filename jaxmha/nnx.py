@@ -81,8 +81,9 @@ class MultiHeadAttention(nnx.Module):
   :meth:`apply_constraints` (in place) apply the constraints.
 
   Call arguments are those of :func:`jaxmha.apply` minus ``params``,
-  ``cfg`` and ``dropout_rng``, plus ``rngs`` (an ``nnx.Rngs``, a stream or
-  a key) for this call's dropout key, which wins over the layer's own.
+  ``cfg``, ``dropout_rng`` and ``dtype`` (a constructor argument here),
+  plus ``rngs`` (an ``nnx.Rngs``, a stream or a key) for this call's
+  dropout key, which wins over the layer's own.
   Returns ``output``, ``(output, scores)``, or with ``cache=``
   ``(output, cache)``.
 

@@ -101,7 +101,9 @@ def attention(q, k, v, *, causal: bool = False, segment_ids=None,
               mask=None, scale: Optional[float] = None,
               dropout_rate: float = 0.0, dropout_rng=None,
               return_lse: bool = False):
-  """Reference attention with the keyword arguments of ``flash_attention``.
+  """Reference attention with the mask, scale, dropout and ``return_lse``
+  arguments of ``flash_attention`` (none of its block, backend or
+  interpret ones).
 
   Args:
     q: ``(B, T, N, H)`` queries.
