@@ -38,6 +38,7 @@ from jaxmha import ring
 from jaxmha.config import MHAConfig
 from pallas_kernels import common
 from pallas_kernels import dropout as dropout_lib
+from pallas_kernels import partitioning
 
 Params = dict
 
@@ -400,10 +401,8 @@ def apply_with_projections(params: Params, cfg: MHAConfig, query, value,
   input's for its projection), none on heads and features; the updated
   cache keeps the cache's.
   """
-  from jaxmha import sharding  # pylint: disable=g-import-not-at-top
   operands = (params, query, value, key, cache, new_lengths, kwargs)
-  explicit = sharding._explicit_mesh(  # pylint: disable=protected-access
-      operands)
+  explicit = partitioning.explicit_mesh(operands)
   out_specs = explicit and _explicit_out_specs(cfg, *operands)
   if out_specs is not None:
 
@@ -412,8 +411,8 @@ def apply_with_projections(params: Params, cfg: MHAConfig, query, value,
                                     cache=cache, new_lengths=new_lengths,
                                     **kwargs)
 
-    return sharding._call_with_auto_axes(  # pylint: disable=protected-access
-        body, *explicit, out_specs, *operands)
+    return partitioning.call_with_auto_axes(body, *explicit, out_specs,
+                                            *operands)
   if cache is not None:
     from jaxmha import decode  # pylint: disable=g-import-not-at-top
     return decode.apply_with_projections(params, cfg, query, value, key,
@@ -443,9 +442,8 @@ def _explicit_out_specs(cfg, params, query, value, key, cache, new_lengths,
   """The specs of :func:`apply_with_projections`' results under Explicit
   mesh axes (see there); None for invalid inputs (the call says why)."""
   del params, new_lengths
-  from jaxmha import sharding  # pylint: disable=g-import-not-at-top
   P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
-  spec = sharding._type_spec  # pylint: disable=protected-access
+  spec = partitioning.type_spec
   try:
     q = spec(query)  # (B, ..., D)
     v = spec(value)

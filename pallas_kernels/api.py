@@ -21,6 +21,7 @@ from typing import Any, Optional
 import jax
 
 from pallas_kernels import common
+from pallas_kernels import partitioning
 
 _TARGET_MODULES = {
     "tpu": "pallas_kernels.tpu",
@@ -104,6 +105,29 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids: Any = None,
   >>> out.shape
   (1, 16, 2, 32)
   """
+  explicit = partitioning.explicit_mesh(
+      (q, k, v, segment_ids, kv_lengths, q_lengths, mask))
+  if explicit is not None:
+    # Explicit mesh axes: run with them made Auto, so that the kernels'
+    # partitioning (XLA's, for "xla") places the call; the results are
+    # typed like q's rows and heads.
+    P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+    b, t, n, _ = partitioning.type_spec(q)
+    specs = (P(b, t, n, None), P(b, n, t)) if return_lse else P(b, t, n, None)
+
+    def attend(q, k, v, segment_ids, kv_lengths, q_lengths, mask,
+               dropout_rng):
+      return flash_attention(
+          q, k, v, causal=causal, segment_ids=segment_ids,
+          kv_lengths=kv_lengths, q_lengths=q_lengths,
+          sliding_window=sliding_window, mask=mask, scale=scale,
+          dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+          block_sizes=block_sizes, backend=backend, interpret=interpret,
+          return_lse=return_lse)
+
+    return partitioning.call_with_auto_axes(
+        attend, *explicit, specs, q, k, v, segment_ids, kv_lengths,
+        q_lengths, mask, dropout_rng)
   prep = common.prepare(q, k, v, causal=causal, segment_ids=segment_ids,
                         kv_lengths=kv_lengths, q_lengths=q_lengths,
                         sliding_window=sliding_window, mask=mask, scale=scale,

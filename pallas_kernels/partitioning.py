@@ -45,6 +45,10 @@ as before there. Inside a ``shard_map`` manual over some axes only (the
 ring's, under ``jax.set_mesh`` with Auto axes) it splits over the others
 as above, but never sums kv gradients there (:func:`_mesh_from_tiles`): the
 backward keeps query rows and shared kv heads whole.
+
+Under a mesh with Explicit axes, :func:`pallas_kernels.flash_attention`
+first makes them Auto (:func:`call_with_auto_axes`), so the split above
+applies there too.
 """
 
 from __future__ import annotations
@@ -456,3 +460,97 @@ def call_split_by_hand(kernel: Callable, args: tuple, roles: tuple,
               for hi in range(nh)], r, heads)
         for bi in range(nb)], r, "b"))
   return tuple(outs)
+
+
+# -- Explicit mesh axes --------------------------------------------------------
+# Under a mesh with Explicit axes (``jax.make_mesh``'s default) an array's
+# type carries its sharding, and every op must say how its result is
+# sharded. Kernel calls and the layer run with those axes made Auto, so that
+# XLA's propagation and :func:`call`'s partitioning place their internals.
+
+
+def type_sharding(x):
+  """The sharding in ``x``'s type (a ``NamedSharding``), or None."""
+  if not isinstance(x, jax.Array):
+    return None  # NumPy and Python values: unsharded constants
+  return getattr(jax.typeof(x), "sharding", None)
+
+
+def explicit_mesh(tree) -> Any:
+  """The Explicit mesh axes a call runs under.
+
+  Args:
+    tree: the call's operands.
+
+  Returns:
+    ``(mesh, axes)``: the context mesh (``jax.set_mesh``), or else the
+    mesh in the types of ``tree``'s arrays (jit of arrays placed on an
+    Explicit mesh), and its Explicit axes; None when there are none (no
+    mesh, Auto axes, or only Manual ones inside ``shard_map``).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    for leaf in jax.tree.leaves(tree):
+      sharding = type_sharding(leaf)
+      leaf_mesh = getattr(sharding, "mesh", None)
+      if leaf_mesh is not None and not leaf_mesh.empty:
+        mesh = leaf_mesh
+        break
+  if mesh.empty:
+    return None
+  explicit = jax.sharding.AxisType.Explicit
+  axes = tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+               if kind == explicit)
+  return (mesh, axes) if axes else None
+
+
+def type_spec(x) -> tuple:
+  """The ``PartitionSpec`` entries in ``x``'s type, one per dim (None for
+  an unsharded dim, and for every dim of a NumPy or Python value)."""
+  sharding = type_sharding(x)
+  spec = tuple(getattr(sharding, "spec", None) or ())
+  ndim = len(getattr(x, "shape", ()))
+  return (spec + (None,) * ndim)[:ndim]
+
+
+def call_with_auto_axes(fn, mesh, axes: tuple[str, ...], out_specs, *args):
+  """``fn(*args)`` with the Explicit ``axes`` of ``mesh`` made Auto.
+
+  Inside, XLA's sharding propagation places the intermediates (reshapes
+  of a sharded heads dim, contractions over sharded heads, loop carries,
+  the kernels' custom partitioning), as under an Auto mesh, where Explicit
+  axes would need an ``out_sharding`` on each of those ops.
+
+  Args:
+    fn: the computation.
+    mesh: the (abstract) mesh, from :func:`explicit_mesh`.
+    axes: its Explicit axes.
+    out_specs: a ``PartitionSpec`` per result of ``fn`` (a tree like its
+      results); the results get these Explicit shardings.
+    *args: ``fn``'s arguments; only their ``jax.Array`` leaves go through
+      ``auto_axes``, other leaves are passed as they are.
+
+  Returns:
+    ``fn(*args)``, typed by ``out_specs``.
+  """
+  leaves, treedef = jax.tree.flatten(args)
+  is_array = [isinstance(x, jax.Array) for x in leaves]
+
+  def body(*arrays):
+    it = iter(arrays)
+    full = [next(it) if a else x for x, a in zip(leaves, is_array)]
+    return fn(*jax.tree.unflatten(treedef, full))
+
+  def on_mesh(x):
+    # An array not yet typed on the mesh (eager, uncommitted) is put there
+    # replicated, as jit would: else its gradient comes back typed on the
+    # Auto version of the mesh.
+    if (not jax.sharding.get_abstract_mesh().empty
+        and getattr(type_sharding(x), "mesh", mesh).empty):
+      return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
+    return x
+
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs,
+                           is_leaf=lambda s: isinstance(s, PartitionSpec))
+  return jax.sharding.auto_axes(body, axes=axes, out_sharding=shardings)(
+      *[on_mesh(x) for x, a in zip(leaves, is_array) if a])

@@ -69,9 +69,11 @@ def kernel_splits_over_batch_and_heads():
   inputs' sharding. With K=2 kv heads, or one (MQA), on the 4-way axis the
   query heads still split, each device reading the kv head its query heads
   share from the whole set: still the same numbers and no gather, the kv
-  heads' gradients summed over the axis and left whole."""
-  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AUTO,) * 2)
-  for K in (4, 2, 1):
+  heads' gradients summed over the axis and left whole. On Explicit axes
+  (``jax.make_mesh``'s default) the kernel runs with them made Auto and
+  splits the same."""
+  for kind, K in ((AUTO, 4), (AUTO, 2), (AUTO, 1), (EXPLICIT, 4)):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(kind,) * 2)
     qkv, masks = _kernel_inputs(K=K)
     step = kernel_step("gpu", **masks)
     want = step(*qkv)
@@ -81,9 +83,9 @@ def kernel_splits_over_batch_and_heads():
                for x in qkv]
     compiled = step.lower(*sharded).compile()
     got = compiled(*sharded)
-    _assert_same(got, want, f"K={K}")
+    _assert_same(got, want, f"{kind}, K={K}")
     found = collectives(compiled)
-    assert found["other"].get("all-gather", 0) == 0, (K, found)
+    assert found["other"].get("all-gather", 0) == 0, (kind, K, found)
     (_, (out, lse)), (dq, dk, dv) = got
     assert out.sharding.spec[:3] == ("data", None, "model"), out.sharding
     assert lse.sharding.spec[:2] == ("data", "model"), lse.sharding
@@ -208,24 +210,26 @@ def kernel_splits_over_query_rows():
   positions (causal, an empty row, a per-head mask, dropout); the kv
   gradients are summed over the axis. Forward, lse and grads equal one
   device's; out, lse and dq stay sharded over the rows; only k and v are
-  gathered."""
-  mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AUTO,) * 2)
+  gathered. The same on Explicit axes."""
   qkv, masks = _kernel_inputs()
   step = kernel_step("gpu", **masks)
   want = step(*qkv)
-  rows = NamedSharding(mesh, P("data", "seq"))
-  sharded = [jax.device_put(x, rows) for x in qkv]
-  compiled = step.lower(*sharded).compile()
-  got = compiled(*sharded)
-  _assert_same(got, want, "query rows")
-  (_, (out, lse)), (dq, _, _) = got
-  assert out.sharding.spec[:2] == ("data", "seq"), out.sharding
-  assert dq.sharding.spec[:2] == ("data", "seq"), dq.sharding
-  assert tuple(lse.sharding.spec)[:3] == ("data", None, "seq"), lse.sharding
-  # k and v: (2, 20, 4, 16) per data shard, from (2, 5, 4, 16) pieces.
-  gathered = _gathered(compiled)
-  assert gathered and all(g.startswith("f32[2,20,4,16]")
-                          for g in gathered), gathered
+  for kind in (AUTO, EXPLICIT):
+    mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(kind,) * 2)
+    rows = NamedSharding(mesh, P("data", "seq"))
+    sharded = [jax.device_put(x, rows) for x in qkv]
+    compiled = step.lower(*sharded).compile()
+    got = compiled(*sharded)
+    _assert_same(got, want, f"query rows, {kind}")
+    (_, (out, lse)), (dq, _, _) = got
+    assert out.sharding.spec[:2] == ("data", "seq"), out.sharding
+    assert dq.sharding.spec[:2] == ("data", "seq"), dq.sharding
+    assert tuple(lse.sharding.spec)[:3] == ("data", None, "seq"), (
+        lse.sharding)
+    # k and v: (2, 20, 4, 16) per data shard, from (2, 5, 4, 16) pieces.
+    gathered = _gathered(compiled)
+    assert gathered and all(g.startswith("f32[2,20,4,16]")
+                            for g in gathered), (kind, gathered)
 
 
 @check
