@@ -95,6 +95,34 @@ def check_qkv(q, k, v) -> Problem:
   return Problem(B=B, T=T, S=S, N=N, K=K, H=H, Hv=v.shape[3])
 
 
+def varying_axes(*xs) -> frozenset:
+  """The ``shard_map`` mesh axes any of ``xs`` varies over (empty outside
+  ``shard_map``)."""
+  axes = set()
+  for x in jax.tree.leaves(xs):
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10
+    if mat is not None:
+      axes |= set(mat.varying)
+    else:
+      axes |= set(getattr(aval, "vma", ()))  # older JAX
+  return frozenset(axes)
+
+
+def vary_alike(arrays: list) -> tuple[list, frozenset]:
+  """``(arrays, axes)``: every array cast to vary over the union ``axes`` of
+  the mesh axes they vary over (``shard_map(check_vma=True)``).
+
+  A kernel's outputs vary over that union.
+  """
+  axes = varying_axes(arrays)
+  if axes:
+    arrays = [a if varying_axes(a) == axes else
+              jax.lax.pcast(a, tuple(sorted(axes - varying_axes(a))),
+                            to="varying") for a in arrays]
+  return arrays, axes
+
+
 def store_int_field(obj, name: str, requirement: str, ok) -> None:
   """Checks that dataclass field ``name`` of ``obj`` is an int (Python or
   NumPy, not a bool) for which ``ok`` holds, and stores it as a Python int

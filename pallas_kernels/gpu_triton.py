@@ -556,19 +556,6 @@ def _mask_operands(cfg: _Config, data: masks_lib.MaskData, seeds,
   return ops
 
 
-def _varying_axes(*xs) -> frozenset:
-  """Mesh axes any input varies over (inside ``shard_map``)."""
-  axes = set()
-  for x in jax.tree.leaves(xs):
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-      axes |= set(mat.varying)
-    else:
-      axes |= set(getattr(aval, "vma", ()))
-  return frozenset(axes)
-
-
 def _out_struct(shape, dtype, axes: frozenset):
   """An output type that ``shard_map(check_vma=True)`` accepts."""
   mat_cls = getattr(jax.sharding, "ManualAxisType", None)
@@ -585,7 +572,7 @@ def _call(kernel, cfg: _Config, name: str, grid, operands, out_specs,
   """``pallas_call`` on named ``(array, BlockSpec)`` operands."""
   names = tuple(operands) + tuple(out_specs)
   arrays = [a for a, _ in operands.values()]
-  axes = _varying_axes(arrays)
+  axes = common.varying_axes(arrays)
   return pl.pallas_call(
       functools.partial(kernel, cfg=cfg, names=names),
       grid=grid,

@@ -723,28 +723,16 @@ def _map_under_vmap(fn):
   return fn
 
 
-def _varying_axes(x) -> frozenset:
-  """The shard_map mesh axes ``x`` varies over (empty outside shard_map)."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))  # older JAX
-
-
 def _same_varying_axes(arrays):
   """Makes every operand vary over the same mesh axes (``check_vma``).
 
   Inside ``shard_map(check_vma=True)`` a pallas_call's outputs must say
   which mesh axes they vary over; they vary over the union of the
-  operands'. Returns the operands, cast to that union, and the
-  ``ShapeDtypeStruct`` keyword that declares it.
+  operands'. Returns the operands, cast to that union
+  (:func:`common.vary_alike`), and the ``ShapeDtypeStruct`` keyword that
+  declares it.
   """
-  axes = frozenset().union(*(_varying_axes(a) for a in arrays))
-  if axes:
-    arrays = [a if _varying_axes(a) == axes else
-              jax.lax.pcast(a, tuple(sorted(axes - _varying_axes(a))),
-                            to="varying") for a in arrays]
+  arrays, axes = common.vary_alike(arrays)
   aval = jax.typeof(arrays[0])
   params = inspect.signature(jax.ShapeDtypeStruct).parameters
   if "manual_axis_type" in params:
