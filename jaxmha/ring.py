@@ -472,7 +472,7 @@ def ring_attention(q, k, v, *, axis_name, causal: bool = False,
   Raises:
     ValueError, TypeError: bad arguments, naming them and the shapes.
 
-  >>> from jax.sharding import NamedSharding, PartitionSpec as P
+  >>> from jax.sharding import PartitionSpec as P
   >>> mesh = jax.make_mesh((1,), ("seq",),
   ...                      axis_types=(jax.sharding.AxisType.Auto,))
   >>> x = jax.random.normal(jax.random.key(0), (1, 16, 2, 8))

@@ -105,6 +105,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids: Any = None,
   >>> out.shape
   (1, 16, 2, 32)
   """
+  common.check_qkv(q, k, v)  # named errors before the specs below
   explicit = partitioning.explicit_mesh(
       (q, k, v, segment_ids, kv_lengths, q_lengths, mask))
   if explicit is not None:

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxmha
+import pallas_kernels
 from jaxmha import dispatch
 from tests.multidevice.harness import check, main
 from tests.multidevice.hlo_checks import collectives
@@ -230,6 +231,13 @@ def kernel_splits_over_query_rows():
     gathered = _gathered(compiled)
     assert gathered and all(g.startswith("f32[2,20,4,16]")
                             for g in gathered), (kind, gathered)
+  try:  # bad input on the Explicit mesh: the kernels' own error
+    jax.jit(lambda q: pallas_kernels.flash_attention(q[..., 0], q, q))(
+        sharded[0])
+  except ValueError as e:
+    assert "`q`" in str(e), e
+  else:
+    raise AssertionError("a rank-3 q should be a ValueError")
 
 
 @check
