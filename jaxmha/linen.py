@@ -209,12 +209,11 @@ class MultiHeadAttention(nn.Module):
   def _dropout_rng(self, cfg: MHAConfig, training: bool):
     if cfg.dropout <= 0.0:
       return None
-    step = lambda: jnp.zeros((), jnp.uint32)
-    counter = None
     if self.seed is not None and self.is_initializing():
       # init makes the counter whatever `training` is, so that the variables
       # it returns carry it into training calls.
-      counter = self.variable("dropout_counter", "step", step)
+      self.variable("dropout_counter", "step",
+                    lambda: jnp.zeros((), jnp.uint32))
     if not training:
       return None  # inference needs no counter: {"params": p} is enough
     if self.has_rng("dropout"):
@@ -224,20 +223,19 @@ class MultiHeadAttention(nn.Module):
           f"training=True with dropout={cfg.dropout} needs a dropout key: "
           "pass rngs={'dropout': key} to apply, or construct the layer with "
           "seed=<int>.")
-    if counter is None and not self.has_variable("dropout_counter", "step"):
+    if not self.has_variable("dropout_counter", "step"):
       raise ValueError(
           f"training=True with seed={self.seed} and no 'dropout' rng draws "
           "dropout from the step counter in the 'dropout_counter' "
           "collection, which the variables passed to apply lack: pass all "
           "the variables init returned (with mutable=['dropout_counter'] to "
           "advance it), or rngs={'dropout': key}.")
-    if counter is None:
-      counter = self.variable("dropout_counter", "step", step)
-    rng = jax.random.fold_in(_seed_key(self.seed), counter.value)
+    step = self.get_variable("dropout_counter", "step")
+    rng = jax.random.fold_in(_seed_key(self.seed), step)
     # init returns the counter at 0, whatever `training` is.
     if (self.is_mutable_collection("dropout_counter")
         and not self.is_initializing()):
-      counter.value = counter.value + 1
+      self.put_variable("dropout_counter", "step", step + 1)
     return rng
 
   @nn.compact
