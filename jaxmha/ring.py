@@ -69,6 +69,7 @@ import pallas_kernels
 from pallas_kernels import api as kernel_api
 from pallas_kernels import common
 from pallas_kernels import masks as kernel_masks
+from pallas_kernels import partitioning
 
 _F32 = jnp.float32
 _EMPTY = kernel_masks.EMPTY_ROW_LSE
@@ -628,9 +629,6 @@ def _axis_mode(axis: str):
 def _explicit_entries(x, mesh, axis: str) -> tuple:
   """The Explicit axes of ``mesh``, but ``axis``, that shard each dim of
   ``x``."""
-  spec = tuple(getattr(getattr(jax.typeof(x), "sharding", None), "spec",
-                       None) or ())
-  spec = spec + (None,) * (x.ndim - len(spec))
   explicit = set(getattr(mesh, "explicit_axes", ()))
 
   def keep(entry):
@@ -638,7 +636,7 @@ def _explicit_entries(x, mesh, axis: str) -> tuple:
     names = tuple(a for a in names if a in explicit and a != axis)
     return names if len(names) > 1 else (names[0] if names else None)
 
-  return tuple(keep(e) for e in spec)
+  return tuple(keep(e) for e in partitioning.type_spec(x))
 
 
 def _ring_specs(q, k, v, axis: str, mesh) -> tuple[P, P]:
