@@ -229,21 +229,21 @@ def test_modules_take_context_parallel_axis():
   variables = linen.init(jax.random.key(1), x, x)
   nnx_layer = jaxmha.nnx.MultiHeadAttention(**kwargs, query_features=8,
                                             rngs=nnx.Rngs(1))
-  calls = {"linen": lambda x: linen.apply(variables, x, x,
-                                          use_causal_mask=True),
-           "nnx": lambda x: nnx_layer(x, x, use_causal_mask=True)}
-  for name, call in calls.items():
-    cfg = (linen if name == "linen" else nnx_layer).config
+  layers = [
+      ("linen", linen, variables["params"],
+       lambda x: linen.apply(variables, x, x, use_causal_mask=True)),
+      ("nnx", nnx_layer, nnx.to_pure_dict(nnx.state(nnx_layer, nnx.Param)),
+       lambda x: nnx_layer(x, x, use_causal_mask=True))]
+  for name, layer, params, call in layers:
+    cfg = layer.config
     assert cfg.context_parallel_axis == "seq", name
     with pytest.raises(ValueError, match="context_parallel_axis='seq'"):
       call(x)  # no mesh: no axis to ring over
     with jax.set_mesh(jax.make_mesh((1,), ("seq",),
                                     axis_types=(AxisType.Auto,))):
       got = jax.jit(call)(x)
-    want = jaxmha.apply(
-        variables["params"] if name == "linen"
-        else nnx.to_pure_dict(nnx.state(nnx_layer, nnx.Param)),
-        cfg.replace(context_parallel_axis=None), x, x, use_causal_mask=True)
+    want = jaxmha.apply(params, cfg.replace(context_parallel_axis=None), x,
+                        x, use_causal_mask=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5,
                                err_msg=name)
 
