@@ -124,7 +124,8 @@ class MHAConfig:
       call allows it), True (force; a clear error where impossible), False
       (never).
     kernel_initializer: Keras name or a JAX initializer ``(rng, shape,
-      dtype)``.
+      dtype)``. Names draw with a built Keras layer's fans
+      (:mod:`jaxmha.initializers`); callables draw as they are.
     bias_initializer: Keras name or a JAX initializer.
     num_key_value_heads: K, key/value heads for grouped-query attention
       (``num_heads % num_key_value_heads == 0``); default ``num_heads``.
@@ -201,10 +202,14 @@ class MHAConfig:
         raise TypeError(
             f"`{name}` must be a Keras initializer name or a callable "
             f"(rng, shape, dtype). Received: {name}={value!r}")
-      if isinstance(value, str):
-        from jaxmha import initializers  # pylint: disable=g-import-not-at-top
-        initializers.get(value)  # raises ValueError for unknown names
+      from jaxmha import initializers  # pylint: disable=g-import-not-at-top
+      # Raises ValueError for unknown names.
+      object.__setattr__(self, name, initializers.canonical(value))
     # Canonical forms, so equal configs hash equal.
+    for name in ("num_heads", "key_dim", "value_dim", "sliding_window",
+                 "num_key_value_heads"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, int(getattr(self, name)))
     object.__setattr__(self, "dropout", float(self.dropout))
     object.__setattr__(self, "use_bias", bool(self.use_bias))
     object.__setattr__(self, "use_gate", bool(self.use_gate))
@@ -234,14 +239,21 @@ class MHAConfig:
     return self.num_key_value_heads or self.num_heads
 
   def get_config(self) -> dict:
-    """A plain dict of the constructor arguments (Keras's ``get_config``)."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    """A plain dict of the constructor arguments (Keras's ``get_config``);
+    a Keras initializer with arguments in Keras's serialized form, so that
+    a config of names and Keras initializers is JSON."""
+    config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    for name in ("kernel_initializer", "bias_initializer"):
+      if hasattr(config[name], "keras_class_name"):  # a KerasInitializer
+        config[name] = config[name].get_config()
+    return config
 
   @classmethod
   def from_config(cls, config: dict) -> "MHAConfig":
     """The inverse of :meth:`get_config`; also takes a Keras layer's
-    ``get_config()``: Keras-only keys are ignored and serialized Keras
-    initializers at their default arguments become names."""
+    ``get_config()``: Keras-only keys are ignored, and serialized Keras
+    initializers become names (at their default arguments) or
+    ``jaxmha.initializers.KerasInitializer``s."""
     from jaxmha import initializers  # pylint: disable=g-import-not-at-top
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in config.items() if k in names}

@@ -118,6 +118,15 @@ def param_shapes(cfg: MHAConfig, query_shape, value_shape,
           for name, (k, b) in shapes.items()}
 
 
+def kernel_initializer(init, name: str, kernel_shape):
+  """``init`` for the kernel of projection ``name``, given the kernel's
+  input and output axes as Keras's ``EinsumDense`` reads them: the query,
+  key, value and gate kernels ``(D, N, H)`` contract the input's features,
+  the output kernel ``(N, Hv, *E)`` its heads and head dims."""
+  num_input_axes = 2 if name == "attention_output" else 1
+  return initializers.for_kernel(init, num_input_axes, len(kernel_shape))
+
+
 def init_params(rng, cfg: MHAConfig, query_shape, value_shape,
                 key_shape=None, dtype=jnp.float32) -> Params:
   """Fresh parameters with Keras's initializers and shapes.
@@ -147,7 +156,8 @@ def init_params(rng, cfg: MHAConfig, query_shape, value_shape,
   rngs = jax.random.split(rng, len(shapes))
   for sub_rng, (name, sub) in zip(rngs, shapes.items()):
     k_rng, b_rng = jax.random.split(sub_rng)
-    params[name] = {"kernel": kernel_init(k_rng, sub["kernel"], dtype)}
+    init = kernel_initializer(kernel_init, name, sub["kernel"])
+    params[name] = {"kernel": init(k_rng, sub["kernel"], dtype)}
     if "bias" in sub:
       params[name]["bias"] = bias_init(b_rng, sub["bias"], dtype)
   return params

@@ -16,18 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmha import equations
+from jaxmha import initializers
 from jaxmha.config import MHAConfig
 
 _SUBLAYERS = ("query", "key", "value", "gate", "attention_output")
-_KERAS_INITIALIZER_NAMES = {
-    "GlorotUniform": "glorot_uniform", "GlorotNormal": "glorot_normal",
-    "HeUniform": "he_uniform", "HeNormal": "he_normal",
-    "LecunUniform": "lecun_uniform", "LecunNormal": "lecun_normal",
-    "Zeros": "zeros", "Ones": "ones", "RandomNormal": "random_normal",
-    "RandomUniform": "random_uniform", "TruncatedNormal": "truncated_normal",
-    "Orthogonal": "orthogonal", "Identity": "identity",
-    "VarianceScaling": "variance_scaling",
-}
 
 
 def _keras():
@@ -46,21 +38,22 @@ def _sublayer(layer, name: str):
   return getattr(layer, attr, None)
 
 
-def _initializer_name(initializer) -> Any:
-  """A Keras initializer object -> a jaxmha name (its defaults), or a
-  callable that draws from it (other arguments, or a class jaxmha has no
-  name for, such as ``Constant``)."""
-  name = _KERAS_INITIALIZER_NAMES.get(type(initializer).__name__)
-  if name is not None:
-    default = _keras().initializers.get(name).get_config()
-    config = dict(initializer.get_config())
-    config.pop("seed", None)
-    default.pop("seed", None)
-    if config == default:
-      return name
+def _initializer_name(name: str, initializer) -> Any:
+  """A Keras initializer object -> jaxmha's form: a name (Keras's defaults),
+  an ``initializers.KerasInitializer`` (a class jaxmha knows, other
+  arguments), or, for a class jaxmha does not know, a callable that calls
+  it."""
+  config = dict(initializer.get_config())
+  if isinstance(initializer, _keras().initializers.Identity):
+    config["gain"] = initializer.gain  # not in Keras's get_config
+  try:
+    return initializers.from_keras(name, type(initializer).__name__, config)
+  except ValueError:
+    pass
 
-  # Keep Keras's distribution exactly. Keras draws from its own seed, so
-  # `rng` is unused; this only matters when re-initialising from the cfg.
+  # Keep an unknown class's draws exactly. Keras draws from its own seed,
+  # so `rng` is unused: every kernel re-initialised from the cfg is the
+  # same draw.
   def init(rng, shape, dtype=jnp.float32):
     del rng
     return jnp.asarray(initializer(shape), dtype)
@@ -74,7 +67,15 @@ def _keras_initializer(init) -> Any:
   weights are copied over it)."""
   if isinstance(init, str):
     return init
+  if isinstance(init, initializers.KerasInitializer):
+    return _keras().initializers.get(init.get_config())
   return getattr(init, "keras_initializer", "glorot_uniform")
+
+
+def _flash_attention(layer) -> Optional[bool]:
+  """The layer's ``flash_attention`` argument (not in its ``get_config``)."""
+  flash = getattr(layer, "_flash_attention", None)
+  return flash if flash in (None, True, False) else None
 
 
 def _query_rank(layer) -> int:
@@ -99,17 +100,18 @@ def config_from_keras(layer) -> MHAConfig:
     # Keras's GQA repeats each key/value head over N // K consecutive query
     # heads (ops.repeat), which is jaxmha's n -> n // (N // K); its kernels
     # are laid out as jaxmha's, so no transposition is needed.
-    flash = getattr(layer, "_flash_attention", None)
     return MHAConfig(
         num_heads=keras_cfg["num_query_heads"], key_dim=keras_cfg["head_dim"],
         dropout=float(keras_cfg.get("dropout", 0.0)),
         use_bias=keras_cfg.get("use_bias", True),
         sliding_window=keras_cfg.get("sliding_window"),
         use_gate=keras_cfg.get("use_gate", False),
-        flash_attention=flash if flash in (None, True, False) else None,
+        flash_attention=_flash_attention(layer),
         num_key_value_heads=keras_cfg["num_key_value_heads"],
-        kernel_initializer=_initializer_name(layer.kernel_initializer),
-        bias_initializer=_initializer_name(layer.bias_initializer))
+        kernel_initializer=_initializer_name("kernel_initializer",
+                                              layer.kernel_initializer),
+        bias_initializer=_initializer_name("bias_initializer",
+                                            layer.bias_initializer))
   # Keras stores value_dim=key_dim and, once built, the default attention
   # axes spelled out; jaxmha's canonical form of both is None, so that a
   # round trip through Keras gives back an equal (and equally hashed) cfg.
@@ -130,9 +132,11 @@ def config_from_keras(layer) -> MHAConfig:
       attention_axes=axes,
       sliding_window=keras_cfg.get("sliding_window"),
       use_gate=keras_cfg.get("use_gate", False),
-      flash_attention=keras_cfg.get("flash_attention"),
-      kernel_initializer=_initializer_name(layer._kernel_initializer),
-      bias_initializer=_initializer_name(layer._bias_initializer),
+      flash_attention=_flash_attention(layer),
+      kernel_initializer=_initializer_name("kernel_initializer",
+                                            layer._kernel_initializer),
+      bias_initializer=_initializer_name("bias_initializer",
+                                          layer._bias_initializer),
       num_key_value_heads=None)
 
 
@@ -179,7 +183,7 @@ def _keras_kwargs(cfg: MHAConfig) -> dict:
       num_heads=cfg.num_heads, key_dim=cfg.key_dim, value_dim=cfg.value_dim,
       dropout=cfg.dropout, use_bias=cfg.use_bias,
       output_shape=cfg.output_shape, attention_axes=cfg.attention_axes,
-      use_gate=cfg.use_gate,
+      use_gate=cfg.use_gate, flash_attention=cfg.flash_attention,
       kernel_initializer=_keras_initializer(cfg.kernel_initializer),
       bias_initializer=_keras_initializer(cfg.bias_initializer))
   if cfg.sliding_window is not None:
@@ -202,7 +206,7 @@ def _keras_gqa_kwargs(cfg: MHAConfig, query_dim: int) -> dict:
   return dict(head_dim=cfg.key_dim, num_query_heads=cfg.num_heads,
               num_key_value_heads=cfg.kv_heads, dropout=cfg.dropout,
               use_bias=cfg.use_bias, sliding_window=cfg.sliding_window,
-              use_gate=cfg.use_gate,
+              use_gate=cfg.use_gate, flash_attention=cfg.flash_attention,
               kernel_initializer=_keras_initializer(cfg.kernel_initializer),
               bias_initializer=_keras_initializer(cfg.bias_initializer))
 

@@ -199,7 +199,9 @@ class MultiHeadAttention(nn.Module):
     return {
         name: _Projection(kernel_shape=sub["kernel"],
                           bias_shape=sub.get("bias"),
-                          kernel_init=kernel_init, bias_init=bias_init,
+                          kernel_init=functional.kernel_initializer(
+                              kernel_init, name, sub["kernel"]),
+                          bias_init=bias_init,
                           param_dtype=self.param_dtype,
                           kernel_regularizer=kreg, bias_regularizer=breg,
                           name=name)()

@@ -98,7 +98,12 @@ def test_dropout_keep_rate_and_rescaling():
   outs = jax.vmap(lambda r: jaxmha.apply(params, cfg, q, v, training=True,
                                          dropout_rng=r))(rngs)
   plain = jaxmha.apply(params, cfg, q, v)
-  np.testing.assert_allclose(outs.mean(0), plain, atol=0.06)
+  # Within 5 standard errors of the 256-draw mean, entry by entry: at these
+  # keys the largest of the 512 deviations is 3.1, and outputs left
+  # unscaled by 1/(1-p) stray 29.
+  standard_error = outs.std(0) / np.sqrt(len(rngs))
+  np.testing.assert_array_less(np.abs(outs.mean(0) - plain),
+                               5 * standard_error + 1e-6)
   # The keep rate, read off the attention weights of a value = identity.
   from pallas_kernels import dropout as dropout_lib
   keep = dropout_lib.keep_mask_block(dropout_lib.seed_words(rngs[0]), 0.3,

@@ -42,11 +42,104 @@ def test_initializer_distribution_matches_keras(name):
                                rtol=0.1)
 
 
-def test_glorot_variance_uses_keras_fans():
+_VARIANCE_SCALING = ("glorot_uniform", "glorot_normal", "he_uniform",
+                     "he_normal", "lecun_uniform", "lecun_normal",
+                     "variance_scaling")
+
+
+def _keras_layer_kernels(**kwargs) -> dict:
+  """The kernels of a Keras MHA built on (D=64 queries, Dv=48 values),
+  with N=8, H=32, Hv=16, a gate and E=(6, 10)."""
+  keras.utils.set_random_seed(0)
+  layer = keras.layers.MultiHeadAttention(
+      num_heads=8, key_dim=32, value_dim=16, output_shape=(6, 10),
+      use_gate=True, **kwargs)
+  layer.build((1, 5, 64), (1, 7, 48))
+  _, params = jaxmha.from_keras(layer)
+  return {name: np.asarray(sub["kernel"]) for name, sub in params.items()}
+
+
+@pytest.mark.parametrize("name", _VARIANCE_SCALING)
+def test_layer_kernels_have_a_built_keras_layers_spread(name):
+  """Keras's EinsumDense gives variance-scaling initializers the kernel's
+  input and output axes: fan_in = D and fan_out = N * H for the (D, N, H)
+  projections, N * Hv and prod(E) for the output kernel. init_params and
+  the linen module draw every kernel with a built Keras layer's spread."""
+  theirs = _keras_layer_kernels(kernel_initializer=name)
+  cfg = jaxmha.MHAConfig(num_heads=8, key_dim=32, value_dim=16,
+                         output_shape=(6, 10), use_gate=True,
+                         kernel_initializer=name)
+  ours = jaxmha.init_params(jax.random.key(1), cfg, (1, 5, 64), (1, 7, 48))
+  layer = jaxmha.MultiHeadAttention(num_heads=8, key_dim=32, value_dim=16,
+                                    output_shape=(6, 10), use_gate=True,
+                                    kernel_initializer=name)
+  linen = layer.init(jax.random.key(2), jnp.ones((1, 5, 64)),
+                     jnp.ones((1, 7, 48)))["params"]
+  assert sorted(ours) == sorted(theirs) == sorted(linen)
+  for sub, kernel in theirs.items():
+    for params in (ours, linen):
+      np.testing.assert_allclose(np.std(params[sub]["kernel"]),
+                                 kernel.std(), rtol=0.06, err_msg=sub)
+  # Without axes (a kernel drawn on its own), fans follow Keras's rule for
+  # any shape, as keras.initializers.get(name)(shape) draws.
   fan_in, fan_out = initializers.compute_fans(KERNEL_SHAPE)
   assert (fan_in, fan_out) == (64 * 8, 64 * 32)
-  w = initializers.get("glorot_uniform")(jax.random.key(1), KERNEL_SHAPE)
-  np.testing.assert_allclose(w.var(), 2.0 / (fan_in + fan_out), rtol=0.03)
+  assert initializers.compute_fans(KERNEL_SHAPE, (0,), (1, 2)) == (64, 256)
+
+
+def test_keras_initializers_with_arguments_draw_from_the_rng():
+  """A Keras initializer with arguments of its own comes over as a
+  KerasInitializer: drawn from the key (so every kernel and every key
+  differ, as in Keras, where each projection clones it), with the built
+  layer's spread; hashable, JSON through get_config, and handed back to
+  Keras as the same class."""
+  import json  # pylint: disable=g-import-not-at-top
+  kinit = keras.initializers.VarianceScaling(scale=3.0, mode="fan_out",
+                                             distribution="uniform")
+  theirs = _keras_layer_kernels(kernel_initializer=kinit)
+  keras.utils.set_random_seed(0)
+  layer = keras.layers.MultiHeadAttention(
+      num_heads=8, key_dim=32, value_dim=16, output_shape=(6, 10),
+      use_gate=True, kernel_initializer=kinit,
+      bias_initializer=keras.initializers.RandomNormal(stddev=0.3))
+  layer.build((1, 5, 64), (1, 7, 48))
+  cfg, _ = jaxmha.from_keras(layer)
+  assert cfg.kernel_initializer == initializers.KerasInitializer(
+      "variance_scaling", {"scale": 3.0, "mode": "fan_out",
+                           "distribution": "uniform"})
+  assert cfg == jaxmha.from_keras(layer)[0]
+  hash(cfg)
+  a = jaxmha.init_params(jax.random.key(0), cfg, (1, 5, 64), (1, 7, 48))
+  b = jaxmha.init_params(jax.random.key(1), cfg, (1, 5, 64), (1, 7, 48))
+  assert not np.allclose(a["query"]["kernel"], b["query"]["kernel"])
+  assert not np.allclose(a["query"]["kernel"][..., :16], a["gate"]["kernel"])
+  for sub, kernel in theirs.items():
+    np.testing.assert_allclose(np.std(a[sub]["kernel"]), kernel.std(),
+                               rtol=0.06, err_msg=sub)
+  np.testing.assert_allclose(np.std(a["query"]["bias"]), 0.3, rtol=0.2)
+  back = jaxmha.MHAConfig.from_config(json.loads(json.dumps(
+      cfg.get_config())))
+  assert back == cfg
+  keras_layer = jaxmha.to_keras(a, cfg)
+  # pylint: disable=protected-access
+  assert keras_layer._kernel_initializer.get_config() == kinit.get_config()
+  assert keras_layer._bias_initializer.get_config()["stddev"] == 0.3
+
+
+def test_keras_initializer_arguments_are_checked():
+  with pytest.raises(ValueError, match="mode"):
+    initializers.KerasInitializer("variance_scaling", {"mode": "fan_sum"})
+  with pytest.raises(ValueError, match=r"Unknown arguments \['stdev'\]"):
+    initializers.KerasInitializer("random_normal", {"stdev": 1.0})
+  with pytest.raises(ValueError, match="kernel_initializer.*MyInit"):
+    initializers.from_keras_config("kernel_initializer",
+                                   {"class_name": "MyInit", "config": {}})
+  # Names are kept in Keras's snake case, so spellings compare equal.
+  assert jaxmha.MHAConfig(num_heads=2, key_dim=4,
+                          kernel_initializer="GlorotUniform",
+                          bias_initializer="normal") == jaxmha.MHAConfig(
+                              num_heads=2, key_dim=4,
+                              bias_initializer="random_normal")
 
 
 def test_initializer_names_callables_and_errors():

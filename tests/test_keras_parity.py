@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxmha
+from jaxmha import initializers
 from tests.keras_reference import (assert_grads_close, keras_call, keras_grads,
                                    make_keras_layer)
 from tests.tolerances import KERAS
@@ -283,24 +284,46 @@ def test_config_round_trip_through_keras_is_exact():
                                  kernel_initializer="he_normal")
   custom = keras.layers.MultiHeadAttention(
       num_heads=2, key_dim=4,
-      kernel_initializer=keras.initializers.RandomNormal(stddev=0.3))
-  with pytest.raises(ValueError, match="kernel_initializer.*from_keras"):
-    jaxmha.MHAConfig.from_config(custom.get_config())
+      kernel_initializer=keras.initializers.RandomNormal(stddev=0.3),
+      flash_attention=True)
+  cfg = jaxmha.MHAConfig.from_config(custom.get_config())
+  assert cfg.kernel_initializer == initializers.KerasInitializer(
+      "random_normal", {"stddev": 0.3})
+  # flash_attention is not in Keras's get_config; from_keras reads it, and
+  # to_keras passes it on. (Keras keeps a layer's False as None.)
+  custom.build((1, 5, 8), (1, 7, 8))
+  cfg, params = jaxmha.from_keras(custom)
+  assert cfg.flash_attention is True
+  back = jaxmha.to_keras(params, cfg)
+  assert back._flash_attention is True  # pylint: disable=protected-access
 
 
 def test_from_keras_keeps_initializers_jaxmha_has_no_name_for():
+  """A class jaxmha knows comes over with its arguments (Constant); one it
+  does not know (a user's subclass) is called as it is."""
   import keras  # pylint: disable=g-import-not-at-top
+
+  class Halves(keras.initializers.Initializer):
+    def __call__(self, shape, dtype=None):
+      return keras.ops.full(shape, 0.5, dtype=dtype)
+
   layer = keras.layers.MultiHeadAttention(
       num_heads=2, key_dim=4,
-      kernel_initializer=keras.initializers.Constant(0.5))
+      kernel_initializer=keras.initializers.Constant(0.5),
+      bias_initializer=Halves())
   layer.build((1, 5, 8), (1, 7, 8))
   cfg, params = jaxmha.from_keras(layer)
   fresh = jaxmha.init_params(jax.random.key(0), cfg, (1, 5, 8), (1, 7, 8))
   np.testing.assert_array_equal(fresh["query"]["kernel"],
                                 np.full((8, 2, 4), 0.5, np.float32))
-  # ... and hands it back to Keras.
+  np.testing.assert_array_equal(fresh["query"]["bias"],
+                                np.full((2, 4), 0.5, np.float32))
+  # ... and hands both back to Keras.
   back = jaxmha.to_keras(params, cfg)
-  assert isinstance(back._kernel_initializer, keras.initializers.Constant)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  assert isinstance(back._kernel_initializer, keras.initializers.Constant)
+  assert back._kernel_initializer.get_config() == {"value": 0.5}
+  assert isinstance(back._bias_initializer, Halves)
 
 
 def test_flash_forced_matches_keras_in_interpret_mode():
