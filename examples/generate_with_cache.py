@@ -11,7 +11,8 @@ ragged prompts twice:
 * without a cache: every new token re-runs the model over the whole
   (padded) sequence and reads the logits at the last real position;
 * with a cache: one ragged prefill (``new_lengths`` = the prompt lengths),
-  then one token per step through ``jaxmha.apply``'s ``cache=`` path.
+  then one token per step through the module's ``cache=`` argument (the
+  same path as ``jaxmha.apply(..., cache=)``).
 
 It checks that both produce the same tokens and prints the timings.
 
@@ -153,6 +154,9 @@ def _cached_step(model, params, caches, token):
 def generate_without_cache(model, params, prompts, prompt_lengths, new: int):
   """Re-runs the full model per token over a fixed ``(B, MAX_LEN)`` buffer."""
   B = prompts.shape[0]
+  if max(prompt_lengths) + new > MAX_LEN:
+    raise ValueError(f"prompts of up to {max(prompt_lengths)} tokens and "
+                     f"{new} new ones do not fit MAX_LEN={MAX_LEN} positions")
   buffer = jnp.zeros((B, MAX_LEN), jnp.int32).at[:, :prompts.shape[1]].set(
       prompts)
   lengths = jnp.asarray(prompt_lengths, jnp.int32)

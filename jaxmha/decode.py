@@ -13,6 +13,12 @@ and ``new_lengths=`` arguments)::
                             new_lengths=prompt_lengths)   # ragged prefill
   out, cache = jaxmha.apply(params, cfg, x, x, cache=cache)  # one step
 
+Under ``jit``, donate the cache (``jax.jit(step, donate_argnums=...)``) or
+carry it through ``lax.scan``/``lax.while_loop``: XLA then writes the new
+tokens in place. A jitted step that does not donate it copies the whole
+``(B, L, ...)`` cache on every call (at ``L = 8192``, one token: 6-12 ms a
+step against 1-4 ms donated, on CPU).
+
 Each call projects its ``t`` new tokens, writes the first ``new_lengths[b]``
 of them (default: all ``t``) at example ``b``'s current length, and attends
 over everything cached so far. Query ``i`` of example ``b`` sits at absolute
@@ -56,7 +62,10 @@ returned cache's ``overflow (B,)`` flag is set for that example and stays
 set; the outputs of an overflowing example are then not those of full
 attention. Check ``cache.overflow`` on the host, or run the step under
 ``jax.experimental.checkify.checkify`` (a ``checkify.debug_check`` inside
-fails there).
+fails there; so does one for traced ``new_lengths`` outside ``[0, t]``,
+which are otherwise clipped to it). Keep checkify's default
+``errors=checkify.user_checks``: its ``index_checks`` flag the writes of
+padding tokens, which go deliberately out of range and are dropped.
 
 The attention itself (:func:`cached_attention`) splits the cache into
 chunks of ``chunk_size`` keys; each chunk gives a partial ``(out, lse)``
@@ -148,7 +157,8 @@ def init_cache(cfg: MHAConfig, batch_size: int, max_length: int,
 
   Raises:
     ValueError: a non-positive ``batch_size`` or ``max_length``.
-    TypeError: ``cfg`` is not an :class:`MHAConfig`.
+    TypeError: ``cfg`` is not an :class:`MHAConfig`; ``dtype`` is not a
+      floating-point dtype.
 
   >>> cfg = MHAConfig(num_heads=2, key_dim=4, value_dim=3)
   >>> cache = init_cache(cfg, batch_size=1, max_length=8, dtype=jnp.bfloat16)
@@ -156,8 +166,11 @@ def init_cache(cfg: MHAConfig, batch_size: int, max_length: int,
   ((1, 8, 2, 3), dtype(bfloat16), Array([0], dtype=int32))
   """
   if not isinstance(cfg, MHAConfig):
-    raise TypeError(f"`cfg` must be a jaxmha.MHAConfig; got "
+    hint = (" (a jaxmha module's is its .config)"
+            if isinstance(getattr(cfg, "config", None), MHAConfig) else "")
+    raise TypeError(f"`cfg` must be a jaxmha.MHAConfig{hint}; got "
                     f"{type(cfg).__name__}.")
+  dtype = functional.float_dtype("dtype", dtype)
   for name, value in (("batch_size", batch_size), ("max_length", max_length)):
     if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
         or value <= 0):
@@ -241,6 +254,10 @@ def update_cache(cache: KVCache, k, v, new_lengths=None):
     if concrete is not None and ((concrete < 0) | (concrete > t)).any():
       raise ValueError(f"`new_lengths` must be in [0, t] with t={t} (the "
                        f"number of new tokens); got new_lengths={concrete}.")
+    checkify.debug_check(
+        jnp.all((n_new >= 0) & (n_new <= t)),
+        f"`new_lengths` must be in [0, t] with t={t}; got "
+        "new_lengths={new_lengths} (clipped to it).", new_lengths=n_new)
     n_new = jnp.clip(n_new.astype(jnp.int32), 0, t)
   lengths = cache.lengths
   total = lengths + n_new  # (B,)

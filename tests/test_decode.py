@@ -274,6 +274,25 @@ def test_full_cache_under_jit_sets_overflow_and_never_overwrites():
     err.throw()
 
 
+def test_traced_new_lengths_out_of_range_fail_under_checkify():
+  """Traced new_lengths outside [0, t] are clipped, and checkify says so;
+  a valid ragged write (padding dropped out of range) passes checkify."""
+  cfg = CONFIGS["gqa"]
+  params, x, _ = _model(cfg)
+  step = jax.jit(checkify.checkify(
+      lambda c, n: jaxmha.apply(params, cfg, x[:, :3], x[:, :3], cache=c,
+                                new_lengths=n)))
+  cache = jaxmha.init_cache(cfg, batch_size=3, max_length=8)
+  err, (_, valid) = step(cache, jnp.array([3, 1, 0]))
+  err.throw()
+  np.testing.assert_array_equal(valid.lengths, [3, 1, 0])
+  err, (_, clipped) = step(cache, jnp.array([5, -1, 2]))
+  with pytest.raises(checkify.JaxRuntimeError,
+                     match=r"`new_lengths` must be in \[0, t\] with t=3"):
+    err.throw()
+  np.testing.assert_array_equal(clipped.lengths, [3, 0, 2])
+
+
 # -- errors --------------------------------------------------------------------
 
 
@@ -313,3 +332,9 @@ def test_unsupported_arguments_with_a_cache_are_clear_errors():
     jaxmha.apply(params, cfg, x[:, :2], x[:, :2], cache=other)
   with pytest.raises(ValueError, match="max_length=0"):
     jaxmha.init_cache(cfg, batch_size=1, max_length=0)
+  # An integer cache would truncate the keys and values it stores.
+  with pytest.raises(TypeError, match="`dtype` must be a floating-point"):
+    jaxmha.init_cache(cfg, batch_size=1, max_length=8, dtype=jnp.int8)
+  with pytest.raises(TypeError, match=r"its \.config"):
+    jaxmha.init_cache(jaxmha.MultiHeadAttention(num_heads=2, key_dim=4),
+                      batch_size=1, max_length=8)
