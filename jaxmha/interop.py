@@ -153,6 +153,10 @@ def from_keras(keras_layer) -> tuple[MHAConfig, dict]:
   in the promoted dtype of its inputs and params. To compute as the layer
   does, pass ``dtype=keras_layer.compute_dtype`` to ``apply``.
 
+  Nor are regularizers and constraints: they are arguments of the linen and
+  nnx modules (``kernel_regularizer=``, ``kernel_constraint=``, ...), which
+  take Keras's names and objects; pass the layer's there.
+
   Raises:
     TypeError: not a Keras ``MultiHeadAttention`` or ``GroupQueryAttention``.
     ValueError: the layer is not built (call it once, or ``build`` it).
@@ -251,6 +255,22 @@ def _config_mismatches(cfg: MHAConfig, layer) -> list[str]:
           if keras_cfg.get(field) != value]
 
 
+def _check_params_tree(params, cfg: MHAConfig) -> None:
+  """A ValueError unless ``params`` has a kernel for every projection of
+  ``cfg`` (shapes are checked against the Keras layer later)."""
+  names = ["query", "key", "value"] + (["gate"] if cfg.use_gate else [])
+  names.append("attention_output")
+  if not isinstance(params, dict):
+    raise TypeError(f"`params` must be a dict; got {type(params).__name__}.")
+  missing = [name for name in names if not isinstance(params.get(name), dict)
+             or "kernel" not in params[name]]
+  if missing:
+    raise ValueError(
+        f"`params` lacks the kernels of {missing}: this cfg needs "
+        f"{{name: {{'kernel', 'bias'}}}} for {names}, as "
+        f"jaxmha.init_params makes; got keys {sorted(params)}.")
+
+
 def to_keras(params: dict, cfg: MHAConfig, keras_layer: Optional[Any] = None,
              *, query_shape=None, value_shape=None, key_shape=None):
   """Copies ``params`` into a Keras ``MultiHeadAttention`` layer, or a
@@ -273,7 +293,9 @@ def to_keras(params: dict, cfg: MHAConfig, keras_layer: Optional[Any] = None,
     The Keras layer, holding ``params``.
 
   Raises:
-    ValueError: shapes in ``params`` that do not fit the layer; a layer whose
+    TypeError: a ``keras_layer`` that is not an attention layer.
+    ValueError: ``params`` without a projection ``cfg`` has; shapes in
+      ``params`` that do not fit the layer; a layer whose
       dropout, sliding window or attention axes differ from ``cfg``'s; input
       shapes for a layer that is already built, or whose features differ from
       ``params``'; a grouped-query config and a ``MultiHeadAttention`` layer;
@@ -281,7 +303,13 @@ def to_keras(params: dict, cfg: MHAConfig, keras_layer: Optional[Any] = None,
       an ``output_shape`` or several attention axes).
   """
   keras = _keras()
+  _check_params_tree(params, cfg)
   gqa = keras.layers.GroupQueryAttention
+  if keras_layer is not None and not isinstance(
+      keras_layer, (gqa, keras.layers.MultiHeadAttention)):
+    raise TypeError("`keras_layer` must be a keras.layers.MultiHeadAttention "
+                    "or GroupQueryAttention (or None); got "
+                    f"{type(keras_layer).__name__}.")
   if keras_layer is None:
     if cfg.kv_heads != cfg.num_heads:
       query_dim = params["query"]["kernel"].shape[0]

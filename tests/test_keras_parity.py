@@ -210,6 +210,11 @@ def test_to_keras_rejects_mismatched_params():
   target(q, q)
   with pytest.raises(ValueError, match=r"params\['query'\]\['kernel'\]"):
     jaxmha.to_keras(wrong, cfg, target)
+  del wrong["key"]
+  with pytest.raises(ValueError, match=r"lacks the kernels of \['key'\]"):
+    jaxmha.to_keras(wrong, cfg)
+  with pytest.raises(TypeError, match="got Dense"):
+    jaxmha.to_keras(params, cfg, keras.layers.Dense(3))
 
 
 def test_to_keras_builds_for_the_inputs_given():
