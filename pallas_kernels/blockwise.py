@@ -813,8 +813,8 @@ def _fresh(anchor, shape, value=0.0):
 def _logit_scale(st: _Static, dtype) -> float:
   """The scale still to apply to the logits of q prescaled by
   :func:`_prescale`: none when folding it into q is exact enough (fp32, or a
-  power of two)."""
-  if dtype == _F32 or math.frexp(st.scale)[0] == 0.5:
+  power of two no larger than 1: a larger one could overflow fp16's q)."""
+  if dtype == _F32 or (math.frexp(st.scale)[0] == 0.5 and st.scale <= 1.0):
     return 1.0
   return st.scale
 
@@ -865,7 +865,9 @@ def _grad_terms(k, v, q, d_out, lse, delta, allowed, keep, rate: float,
   # The mask goes on the probabilities, not the logits: an empty row's lse
   # is EMPTY_ROW_LSE == MASK_VALUE, which masked logits would cancel.
   s_t = _scores(k, q, None, logit_scale, dtype)  # (X, cols, rows)
-  p_t = jnp.exp(s_t - lse[:, None, :])
+  # s <= lse, but the recomputed s may round above it at huge logits, and
+  # exp of a positive exponent overflows; min(., 0) keeps NaN.
+  p_t = jnp.exp(jnp.minimum(s_t - lse[:, None, :], 0.0))
   if allowed is not None:
     p_t = jnp.where(allowed, p_t, 0.0)
   dp_t = _mm(v, d_out, 2, 2, dtype)  # (X, cols, rows)
@@ -1161,7 +1163,7 @@ def _forward(st: _Static, q_all, k_all, v_all, blocks, seeds):
     # Rows that attended nothing kept m_i == MASK_VALUE (and l_i == 0, or
     # the count of masked entries seen): zero output and the empty-row LSE,
     # set explicitly.
-    nonempty = m_i > masks_lib.MASK_VALUE
+    nonempty = masks_lib.attended(m_i)
     safe_l = jnp.where(nonempty, l_i, 1.0)
     # Kept probabilities are scaled by 1 / (1 - rate); the LSE ignores
     # dropout.

@@ -465,7 +465,10 @@ def _fwd_kernel(*refs, cfg: _Config, names):
         s = jnp.where(allowed, s, masks_lib.MASK_VALUE)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))  # (bq,)
     alpha = jnp.exp2(m_i - m_new)  # rescales the old sum and accumulator
-    p = jnp.exp2(s - m_new[:, None])  # (bq, bk)
+    # s <= m_new, but not always as computed: the interpreter (XLA:CPU)
+    # may round the two uses of s apart, and exp2 of a positive exponent
+    # overflows fp16 p at large logits. min(., 0) keeps NaN.
+    p = jnp.exp2(jnp.minimum(s - m_new[:, None], 0.0))  # (bq, bk)
     if allowed is not None:
       # A row masked so far has m_new == MASK_VALUE and exp2(0) == 1.
       p = jnp.where(allowed, p, 0.0)
@@ -688,7 +691,8 @@ def _dkv_kernel(*refs, cfg: _Config, names):
       if masked and "q_len" in r:  # rows past q_lengths may be garbage
         q = _zero_rows(q, q_pos, q_valid)
       s = _dot(q, k, tb=True, precision=cfg.precision) * c  # (bq, bk)
-      p = jnp.exp2(s - lse2[:, None])  # P recomputed from the saved lse
+      # P recomputed from the saved lse; <= 1, as in the forward.
+      p = jnp.exp2(jnp.minimum(s - lse2[:, None], 0.0))
       if masked:
         allowed = _allowed(cfg, _Tile(q_pos, k_pos, q_valid, kv_valid, q_seg,
                                       kv_seg, mask_blk))
@@ -770,7 +774,7 @@ def _dq_kernel(*refs, cfg: _Config, names):
       col = k_lo + lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
       k, v = _zero_rows(k, col, kv_valid), _zero_rows(v, col, kv_valid)
     s = _dot(q, k, tb=True, precision=cfg.precision) * c  # (bq, bk)
-    p = jnp.exp2(s - lse2[:, None])
+    p = jnp.exp2(jnp.minimum(s - lse2[:, None], 0.0))  # <= 1, as above
     if masked:
       allowed = _allowed(cfg, _Tile(q_pos, k_pos, q_valid, kv_valid, q_seg,
                                     kv_seg, mask_blk))

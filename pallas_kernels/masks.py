@@ -72,6 +72,18 @@ MASK_VALUE = float(np.float32(-0.7 * float(np.finfo(np.float32).max)))
 EMPTY_ROW_LSE = MASK_VALUE
 
 
+def attended(row_max):
+  """Whether rows whose largest (masked) logit is ``row_max`` attended any
+  key: above ``MASK_VALUE``, or NaN. A NaN in an attended logit (a NaN or
+  inf input) must reach the output, as in Keras, not be taken for an empty
+  row and zeroed.
+
+  >>> attended(jnp.array([MASK_VALUE, 0.0, jnp.nan]))
+  Array([False,  True,  True], dtype=bool)
+  """
+  return ~(row_max <= MASK_VALUE)
+
+
 def _min_or_none(a: Optional[int], b: Optional[int]) -> Optional[int]:
   if a is None:
     return b

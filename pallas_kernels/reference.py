@@ -75,7 +75,7 @@ def attention_core(q, k, v, prep: common.Prepared, *, q_offset=0,
   unnormalized = jnp.exp(logits - m)
   l = jnp.sum(unnormalized, axis=-1, keepdims=True)  # (B, N, T, 1), >= 1
   probs = unnormalized / l  # (B, N, T, S)
-  nonempty = m > masks_lib.MASK_VALUE  # (B, N, T, 1)
+  nonempty = masks_lib.attended(m)  # (B, N, T, 1)
   lse = jnp.where(nonempty, m + jnp.log(l), masks_lib.EMPTY_ROW_LSE)
   lse = lse[..., 0]  # (B, N, T)
   weights = probs

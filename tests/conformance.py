@@ -246,6 +246,19 @@ class AttentionConformance:
     np.testing.assert_array_equal(grads[0][0], 0.0)  # dq of empty rows
     np.testing.assert_array_equal(grads[0][1, 3], 0.0)
 
+  def test_nan_in_an_attended_key_reaches_only_its_rows(self):
+    """A NaN key is bad input: the rows that attend it are NaN (as in
+    Keras), never mistaken for empty rows and zeroed; rows it is masked
+    from (causal) are untouched."""
+    shape = AttentionShape(B=2, T=9, S=9, N=2, K=1, H=32)
+    q, k, v, _ = make_inputs(Case(shape))
+    bad = k.at[0, 5].set(jnp.nan)
+    out = self.attention(q, bad, v, causal=True)
+    assert bool(jnp.all(jnp.isnan(out[0, 5:])))
+    clean = reference_attention(q, k, v, causal=True)
+    assert_close(out[0, :5], clean[0, :5], FORWARD)
+    assert_close(out[1], clean[1], FORWARD)
+
   # -- determinism and transforms ---------------------------------------------
 
   def test_deterministic_on_rerun(self):

@@ -359,6 +359,26 @@ def test_causal_diagonal_by_halving_squares(shape, dtype, block_sizes):
     assert_close(g, r, GRAD, dtype)
 
 
+@pytest.mark.parametrize("scale", [4.0, 3.0, 0.125])
+def test_fp16_queries_near_their_range_with_a_scale(scale):
+  """fp16 q of 2e4 with small keys: the logits are small, so no scale may
+  overflow q (a power of two above 1 used to be folded into fp16 q: inf,
+  zero rows and NaN gradients). Forward and gradients as the reference's."""
+  q = jnp.full((1, 4, 1, 16), 2e4, jnp.float16)
+  k = (jax.random.normal(jax.random.key(1), (1, 6, 1, 16)) * 1e-4).astype(
+      jnp.float16)
+  v = jax.random.normal(jax.random.key(2), (1, 6, 1, 16)).astype(jnp.float16)
+  out = _small_block_attention(q, k, v, scale=scale)
+  want = reference_attention(q, k, v, scale=scale)
+  assert_close(out, want, FORWARD, "float16")
+  loss = lambda fn: lambda q, k, v: jnp.sum(
+      fn(q, k, v, scale=scale).astype(jnp.float32) ** 2)
+  grads = jitted_grad(loss(_small_block_attention))(q, k, v)
+  for g, r in zip(grads, jitted_grad(loss(reference_attention))(q, k, v)):
+    assert bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+    assert_close(g, r, GRAD, "float16")
+
+
 def test_padded_key_blocks_are_masked():
   # Ragged S: the last key block holds padding and is masked.
   p = blockwise.plan(MaskSpec.full(), 64, 100, blockwise.BlockSizes(64, 32))
