@@ -242,9 +242,10 @@ class MHAConfig:
     """A plain dict of the constructor arguments (Keras's ``get_config``);
     a Keras initializer with arguments in Keras's serialized form, so that
     a config of names and Keras initializers is JSON."""
+    from jaxmha import initializers  # pylint: disable=g-import-not-at-top
     config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     for name in ("kernel_initializer", "bias_initializer"):
-      if hasattr(config[name], "keras_class_name"):  # a KerasInitializer
+      if isinstance(config[name], initializers.KerasInitializer):
         config[name] = config[name].get_config()
     return config
 
