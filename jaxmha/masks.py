@@ -55,9 +55,19 @@ def _as_bool(name: str, mask):
   return mask != 0  # Keras casts to bool: nonzero means "may attend"
 
 
-def _padding(name: str, mask, dims: tuple):
-  """A padding mask broadcast to ``dims`` (an input's shape sans features)."""
+def _padding(name: str, mask, dims: tuple, attention_axes: tuple):
+  """A padding mask broadcast to ``dims`` (an input's shape sans features).
+
+  A mask of one dim per example and attention axis, ``(B, *attention
+  dims)``, for inputs with more axes is read as Keras reads it: per example,
+  repeated over the other axes (right-aligned broadcasting would take its
+  batch dim for another axis of the same size)."""
   mask = _as_bool(name, mask)
+  if mask.ndim == 1 + len(attention_axes) < len(dims):
+    shape = [1] * len(dims)
+    for axis, size in zip((0,) + tuple(attention_axes), mask.shape):
+      shape[axis] = size
+    mask = mask.reshape(shape)
   try:
     return jnp.broadcast_to(mask, dims)
   except ValueError:
@@ -114,10 +124,12 @@ def build(layout: AttentionLayout, num_heads: int, *, attention_mask=None,
   q_valid = kv_valid = None
   if query_mask is not None:
     q_valid = layout.query_positions(
-        _padding("query_mask", query_mask, layout.query_dims))  # (B*, T)
+        _padding("query_mask", query_mask, layout.query_dims,
+                 layout.attention_axes))  # (B*, T)
   for name, m in (("value_mask", value_mask), ("key_mask", key_mask)):
     if m is not None:
-      valid = layout.key_positions(_padding(name, m, layout.value_dims))
+      valid = layout.key_positions(_padding(name, m, layout.value_dims,
+                                            layout.attention_axes))
       kv_valid = valid if kv_valid is None else kv_valid & valid  # (B*, S)
   q_ids = kv_ids = None
   if q_valid is not None or kv_valid is not None:

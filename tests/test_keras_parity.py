@@ -303,6 +303,27 @@ def test_config_round_trip_through_keras_is_exact():
   assert back._flash_attention is True  # pylint: disable=protected-access
 
 
+def test_per_example_padding_masks_on_rank4_inputs_repeat_over_other_axes():
+  """On (B, A, T, D) inputs attending over axis 2, a (B, S) value_mask is
+  per example, repeated over A, as in Keras, also when B == A (right-
+  aligned broadcasting read it as one mask per A, silently); a (B, T)
+  query_mask likewise."""
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(2, 2, 4, 8)).astype(np.float32)
+  v = rng.normal(size=(2, 2, 5, 8)).astype(np.float32)
+  layer, cfg, params = make_keras_layer(q, v, num_heads=2, key_dim=4,
+                                        attention_axes=(2,))
+  value_mask = np.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)  # (B, S)
+  want = np.asarray(layer(q, v, value_mask=value_mask))
+  np.testing.assert_allclose(
+      jaxmha.apply(params, cfg, q, v, value_mask=value_mask), want, **KERAS)
+  query_mask = np.array([[1, 1, 0, 1], [0, 1, 1, 1]], bool)  # (B, T)
+  np.testing.assert_allclose(
+      jaxmha.apply(params, cfg, q, v, query_mask=query_mask),
+      jaxmha.apply(params, cfg, q, v, query_mask=np.broadcast_to(
+          query_mask[:, None], (2, 2, 4))), **KERAS)
+
+
 def test_from_keras_keeps_initializers_jaxmha_has_no_name_for():
   """A class jaxmha knows comes over with its arguments (Constant); one it
   does not know (a user's subclass) is called as it is."""
