@@ -197,14 +197,19 @@ class MultiHeadAttention(nnx.Module):
     >>> float(layer.regularization_loss()) > 0
     True
     """
+    params = self.params()
+    # A stack of layers (nnx.vmap) holds each variable with leading layer
+    # axes: each layer's penalty is summed.
+    layers = regularizers.stacked_axes(params["query"]["kernel"], 3)
     total = jnp.zeros((), jnp.float32)
-    for sub in self.params().values():
+    for sub in params.values():
       for leaf, reg in (("kernel", self.kernel_regularizer),
                         ("bias", self.bias_regularizer)):
         if reg is not None and leaf in sub:
-          total = total + jnp.asarray(reg(sub[leaf]), jnp.float32)
+          penalty = regularizers.over_leading_axes(reg, layers)(sub[leaf])
+          total = total + jnp.sum(jnp.asarray(penalty, jnp.float32))
     if self.activity_regularizer is not None:
-      total = total + self.activity_loss[...]
+      total = total + jnp.sum(self.activity_loss[...])
     return total
 
   def constraints_transform(self) -> optax.GradientTransformation:

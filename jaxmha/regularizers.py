@@ -10,7 +10,9 @@
   transformation that does it inside an optimizer chain.
 
 Norm constraints reduce over ``axis=0`` as Keras does: for the projection
-kernels ``(D, N, H)`` that is the input-feature axis.
+kernels ``(D, N, H)`` that is the input-feature axis. Params of a stack of
+layers (``nn.scan``, ``nnx.vmap``), with leading layer axes, are
+constrained layer by layer.
 """
 
 from __future__ import annotations
@@ -216,16 +218,36 @@ def apply_constraints(params: Any, kernel_constraint=None,
   """
   kc = get_constraint(kernel_constraint, "kernel_constraint")
   bc = get_constraint(bias_constraint, "bias_constraint")
+  names = lambda path: tuple(getattr(k, "key", None) for k in path)
+  # The leading axes stacked onto a jaxmha layer's params (nn.scan,
+  # nnx.vmap), keyed by the layer's path: its (D, N, H) query kernel shows
+  # how many. Constraints act on each layer's kernels, as Keras's would.
+  stacked = {names(path)[:-2]: stacked_axes(leaf, 3)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if names(path)[-2:] == ("query", "kernel")}
 
   def project(path, leaf):
-    name = getattr(path[-1], "key", None) if path else None
-    if name == "kernel" and kc is not None:
-      return kc(leaf)
-    if name == "bias" and bc is not None:
-      return bc(leaf)
-    return leaf
+    key = names(path)
+    constraint = {"kernel": kc, "bias": bc}.get(key[-1]) if key else None
+    if constraint is None:
+      return leaf
+    layer = next((stacked[key[:i]] for i in range(len(key) - 1, -1, -1)
+                  if key[:i] in stacked), 0)
+    return over_leading_axes(constraint, layer)(leaf)
 
   return jax.tree_util.tree_map_with_path(project, params)
+
+
+def stacked_axes(kernel, rank: int) -> int:
+  """How many leading axes are stacked onto a kernel of rank ``rank``."""
+  return max(0, jnp.ndim(kernel) - rank)
+
+
+def over_leading_axes(fn: Callable, n: int) -> Callable:
+  """``fn`` mapped over ``n`` leading axes of its argument."""
+  for _ in range(n):
+    fn = jax.vmap(fn)
+  return fn
 
 
 def constraints_transform(kernel_constraint=None,

@@ -144,6 +144,38 @@ def test_regularization_loss_matches_linen_and_constraints_apply():
                                 params["query"]["bias"])
 
 
+def test_a_stack_of_layers_regularizes_and_constrains_each_layer():
+  """Layers made with nnx.vmap hold stacked (L, ...) params: the
+  regularization loss is a scalar, the sum of the layers' own, and
+  constraints act on each layer's kernels (not over the layer axis)."""
+  L = 3
+  kw = dict(num_heads=2, key_dim=4, query_features=8,
+            kernel_regularizer="l2", activity_regularizer="l2",
+            kernel_constraint="max_norm")
+
+  @nnx.split_rngs(splits=L)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs):
+    return MultiHeadAttention(**kw, rngs=rngs)
+
+  layers = create(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  nnx.vmap(lambda layer: layer(x, x), in_axes=(0,))(layers)
+  total = layers.regularization_loss()
+  per_layer = nnx.vmap(lambda layer: layer.regularization_loss())(layers)
+  assert total.shape == ()
+  np.testing.assert_allclose(total, per_layer.sum(), rtol=1e-6)
+  params = layers.params()
+  params["query"]["kernel"] = 10.0 * params["query"]["kernel"]  # past 2
+  stacked = jaxmha.apply_constraints(params, "max_norm")
+  each = jax.vmap(lambda p: jaxmha.apply_constraints(p, "max_norm"))(params)
+  for name in stacked:
+    np.testing.assert_allclose(stacked[name]["kernel"], each[name]["kernel"],
+                               rtol=1e-6)
+  norms = jnp.sqrt(jnp.sum(stacked["query"]["kernel"] ** 2, axis=1))
+  assert float(norms.max()) <= 2.0 + 1e-5
+
+
 def test_jit_grad_split_merge():
   q, v = _inputs()
   layer = MultiHeadAttention(num_heads=2, key_dim=4, query_features=8,
