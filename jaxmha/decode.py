@@ -518,7 +518,9 @@ def apply_with_projections(params, cfg: MHAConfig, query, value, key=None,
   if not isinstance(cache, KVCache):
     raise TypeError(f"`cache` must be a jaxmha.decode.KVCache (from "
                     f"jaxmha.init_cache); got {type(cache).__name__}.")
-  if return_attention_scores:
+  training = functional.static_flag("training", training)
+  if functional.static_flag("return_attention_scores",
+                            return_attention_scores):
     raise kernel_common.UnsupportedCallError(
         "return_attention_scores=True with a cache: the decode path never "
         "materialises the (B, N, t, L) scores; call without `cache` to get "

@@ -149,6 +149,7 @@ def init_params(rng, cfg: MHAConfig, query_shape, value_shape,
   {'bias': (2, 4), 'kernel': (16, 2, 4)}
   """
   dtype = float_dtype("dtype", dtype)
+  rng = dropout_lib.as_key(rng, "rng")
   shapes = param_shapes(cfg, query_shape, value_shape, key_shape)
   kernel_init = initializers.get(cfg.kernel_initializer)
   bias_init = initializers.get(cfg.bias_initializer)
@@ -208,6 +209,20 @@ def _as_array(name: str, x):
   return x
 
 
+def static_flag(name: str, value) -> bool:
+  """``value`` as a Python bool, or a TypeError naming ``name`` when it is
+  traced: these flags choose the program, so under ``jit`` they are static
+  arguments."""
+  try:
+    return bool(value)
+  except jax.errors.ConcretizationTypeError:
+    raise TypeError(
+        f"`{name}` must be a Python bool, fixed when the call is traced; got "
+        f"a traced value. Under jax.jit, mark it static (static_argnames="
+        f"['{name}']) or choose between two calls with jax.lax.cond."
+    ) from None
+
+
 def float_dtype(name: str, dtype) -> jnp.dtype:
   """``dtype`` as a floating-point dtype, or a TypeError naming ``name``."""
   try:
@@ -254,6 +269,10 @@ def _prepare_call(params, cfg, query, value, key, *, attention_mask=None,
                      ("query_mask", query_mask), ("value_mask", value_mask),
                      ("key_mask", key_mask)):
     _reject_shape_struct(name, mask)
+  training = static_flag("training", training)
+  use_causal_mask = static_flag("use_causal_mask", use_causal_mask)
+  return_attention_scores = static_flag("return_attention_scores",
+                                        return_attention_scores)
   query = _as_array("query", query)
   value = _as_array("value", value)
   key = value if key is None else _as_array("key", key)

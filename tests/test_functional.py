@@ -387,6 +387,27 @@ def test_call_errors_name_the_argument_and_shapes():
     jaxmha.apply(params, cfg.replace(attention_axes=(2,)), q, v)
 
 
+def test_traced_flags_and_bad_init_keys_are_named():
+  """Flags that choose the program must be static under jit; init_params
+  takes one PRNG key."""
+  cfg, params, q, v = _setup()
+  for flag in ("training", "use_causal_mask", "return_attention_scores"):
+    call = jax.jit(lambda f, flag=flag: jaxmha.apply(
+        params, cfg, q, v, dropout_rng=jax.random.key(0), **{flag: f}))
+    with pytest.raises(TypeError, match=f"`{flag}` must be a Python bool"):
+      call(True)
+  with pytest.raises(TypeError, match="`rng` must be a PRNG key"):
+    jaxmha.init_params(0, cfg, q.shape, v.shape)
+  with pytest.raises(ValueError, match="`rng` must be a single PRNG key"):
+    jaxmha.init_params(jax.random.split(jax.random.key(0)), cfg, q.shape,
+                       v.shape)
+  # A raw uint32 key is one key.
+  raw = jaxmha.init_params(jax.random.PRNGKey(3), cfg, q.shape, v.shape)
+  typed = jaxmha.init_params(jax.random.key(3), cfg, q.shape, v.shape)
+  np.testing.assert_array_equal(raw["query"]["kernel"],
+                                typed["query"]["kernel"])
+
+
 def test_forced_flash_refusal_is_a_clear_error():
   cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8,
                                               flash_attention=True))
