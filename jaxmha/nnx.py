@@ -72,6 +72,9 @@ class MultiHeadAttention(nnx.Module):
       :class:`DropoutCounter` variable that advances each training call
       (the linen module's behaviour); constructor ``rngs`` then only
       initialise.
+    deterministic: what ``model.train()`` (False) and ``model.eval()``
+      (True) set; a call with ``training=None`` trains only when it is
+      False. Default None: inference, as in Keras.
 
   Regularizers and constraints: :meth:`regularization_loss` returns the
   kernel/bias regularization of the current params plus the activity
@@ -83,7 +86,10 @@ class MultiHeadAttention(nnx.Module):
   Call arguments are those of :func:`jaxmha.apply` minus ``params``,
   ``cfg``, ``dropout_rng`` and ``dtype`` (a constructor argument here),
   plus ``rngs`` (an ``nnx.Rngs``, a stream or a key) for this call's
-  dropout key, which wins over the layer's own.
+  dropout key, which wins over the layer's own. ``training`` defaults to
+  None: the layer then follows its ``deterministic`` attribute, as Flax's
+  NNX layers do, so ``model.train()`` turns dropout on and
+  ``model.eval()`` off; an explicit ``training=`` wins.
   Returns ``output``, ``(output, scores)``, or with ``cache=``
   ``(output, cache)``.
 
@@ -115,7 +121,8 @@ class MultiHeadAttention(nnx.Module):
                num_key_value_heads: Optional[int] = None,
                context_parallel_axis: Optional[str] = None, *,
                query_features: int, value_features: Optional[int] = None,
-               key_features: Optional[int] = None, rngs: nnx.Rngs):
+               key_features: Optional[int] = None, rngs: nnx.Rngs,
+               deterministic: Optional[bool] = None):
     cfg = MHAConfig(
         num_heads=num_heads, key_dim=key_dim, value_dim=value_dim,
         dropout=dropout, use_bias=use_bias, output_shape=output_shape,
@@ -144,6 +151,7 @@ class MultiHeadAttention(nnx.Module):
         rngs.params(), cfg, lead + (query_features,),
         lead + (value_features,), lead + (key_features,), dtype=param_dtype)
     self.config = cfg
+    self.deterministic = deterministic
     self.query_features = query_features
     self.value_features = value_features
     self.key_features = key_features
@@ -249,14 +257,19 @@ class MultiHeadAttention(nnx.Module):
 
   def __call__(self, query, value, key=None, *, attention_mask=None,
                query_mask=None, value_mask=None, key_mask=None,
-               use_causal_mask: bool = False, training: bool = False,
+               use_causal_mask: bool = False,
+               training: Optional[bool] = None,
                return_attention_scores: bool = False, cache=None,
                new_lengths=None, rngs=None):
     """Attends ``query (B, T, D)`` to ``value (B, S, Dv)``.
 
     See :func:`jaxmha.apply` for the arguments; ``rngs`` overrides the
-    layer's dropout key source for this call.
+    layer's dropout key source for this call. ``training=None`` follows
+    ``self.deterministic``: training after ``model.train()`` (which sets it
+    to False), inference after ``model.eval()`` or when never set.
     """
+    if training is None:
+      training = self.deterministic is False
     for name, x, expected in (("query", query, self.query_features),
                               ("value", value, self.value_features),
                               ("key", key, self.key_features)):

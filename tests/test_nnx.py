@@ -176,6 +176,31 @@ def test_a_stack_of_layers_regularizes_and_constrains_each_layer():
   assert float(norms.max()) <= 2.0 + 1e-5
 
 
+def test_train_and_eval_switch_dropout_like_flax_layers():
+  """model.train()/eval() reach the layer as they reach nnx.Dropout; an
+  explicit training= wins; by default the layer infers, as in Keras."""
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.attn = MultiHeadAttention(num_heads=2, key_dim=4, query_features=8,
+                                     dropout=0.5, rngs=rngs)
+
+    def __call__(self, x, **kw):
+      return self.attn(x, x, **kw)
+
+  block = Block(nnx.Rngs(0, dropout=1))
+  x = jax.random.normal(jax.random.key(2), (2, 5, 8))
+  inference = block.attn(x, x, training=False)
+  np.testing.assert_array_equal(block(x), inference)  # never set: infers
+  block.train()
+  assert block.attn.deterministic is False
+  assert not np.allclose(block(x), inference)
+  np.testing.assert_array_equal(block(x, training=False), inference)
+  block.eval()
+  np.testing.assert_array_equal(block(x), inference)
+  assert not np.allclose(block(x, training=True), inference)
+
+
 def test_jit_grad_split_merge():
   q, v = _inputs()
   layer = MultiHeadAttention(num_heads=2, key_dim=4, query_features=8,
