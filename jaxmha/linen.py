@@ -218,13 +218,17 @@ class MultiHeadAttention(nn.Module):
                     lambda: jnp.zeros((), jnp.uint32))
     if not training:
       return None  # inference needs no counter: {"params": p} is enough
-    if self.has_rng("dropout"):
+    if self.has_rng("dropout") or (self.seed is None
+                                   and self.is_initializing()
+                                   and self.has_rng("params")):
+      # At init without a 'dropout' stream, Flax's make_rng falls back to
+      # 'params' (as nn.Dropout does), so a parent can init in training mode.
       return self.make_rng("dropout")
     if self.seed is None:
       raise ValueError(
           f"training=True with dropout={cfg.dropout} needs a dropout key: "
-          "pass rngs={'dropout': key} to apply, or construct the layer with "
-          "seed=<int>.")
+          "pass rngs={'dropout': key} to init/apply, or construct the layer "
+          "with seed=<int>.")
     if not self.has_variable("dropout_counter", "step"):
       raise ValueError(
           f"training=True with seed={self.seed} and no 'dropout' rng draws "

@@ -220,6 +220,14 @@ def test_linen_seed_layer_initialises_in_training_mode():
   inferred = layer.init(jax.random.key(0), x, x)
   assert int(trained["dropout_counter"]["step"]) == 0
   jax.tree.map(np.testing.assert_array_equal, trained, inferred)
+  # Without a seed, init falls back to the 'params' stream for dropout, as
+  # Flax's own layers do; apply still needs a 'dropout' key.
+  plain = jaxmha.MultiHeadAttention(num_heads=2, key_dim=4, dropout=0.5)
+  variables = plain.init(jax.random.key(0), x, x, training=True)
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               plain.init(jax.random.key(0), x, x))
+  with pytest.raises(ValueError, match="rngs=\\{'dropout': key\\}"):
+    plain.apply(variables, x, x, training=True)
 
 
 def test_modules_take_context_parallel_axis():
