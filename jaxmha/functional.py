@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxmha import dispatch
 from jaxmha import equations
@@ -51,10 +52,15 @@ def _check_cfg(cfg) -> None:
 
 def _shape(name: str, shape) -> tuple:
   try:
-    shape = tuple(int(d) for d in shape)
+    dims = tuple(shape)
   except TypeError:
+    dims = None
+  if dims is None or not all(
+      isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+      for d in dims):
     raise TypeError(f"`{name}` must be a shape (a tuple of ints); got "
-                    f"{shape!r}.") from None
+                    f"{shape!r}.")
+  shape = tuple(int(d) for d in dims)
   if len(shape) < 3:
     raise ValueError(f"`{name}` must have rank >= 3, (B, T, features) or "
                      f"(B, ..., features); got {name}={shape}.")
@@ -168,6 +174,13 @@ def _check_params(params, cfg: MHAConfig, query, value, key) -> None:
   expected = param_shapes(cfg, query.shape, value.shape, key.shape)
   if not isinstance(params, dict):
     raise TypeError(f"`params` must be a dict; got {type(params).__name__}.")
+  for name, sub in params.items():
+    for leaf, x in (sub.items() if isinstance(sub, dict) else ()):
+      if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"`params['{name}']['{leaf}']` must be a floating-point array; "
+            f"got {type(x).__name__}"
+            + (f" of dtype {x.dtype}." if hasattr(x, "dtype") else "."))
   got = {name: ({leaf: tuple(jnp.shape(x)) for leaf, x in sub.items()}
                 if isinstance(sub, dict) else tuple(jnp.shape(sub)))
          for name, sub in params.items()}

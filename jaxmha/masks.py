@@ -63,6 +63,9 @@ def _padding(name: str, mask, dims: tuple, attention_axes: tuple):
   repeated over the other axes (right-aligned broadcasting would take its
   batch dim for another axis of the same size)."""
   mask = _as_bool(name, mask)
+  if mask.ndim == 0:
+    raise ValueError(f"`{name}` must have shape {dims} (the input's shape "
+                     f"without its feature axis); got a scalar.")
   if mask.ndim == 1 + len(attention_axes) < len(dims):
     shape = [1] * len(dims)
     for axis, size in zip((0,) + tuple(attention_axes), mask.shape):

@@ -406,6 +406,16 @@ def test_traced_flags_and_bad_init_keys_are_named():
       call(True)
   with pytest.raises(TypeError, match="`rng` must be a PRNG key"):
     jaxmha.init_params(0, cfg, q.shape, v.shape)
+  # Shapes are ints (8.7 features used to become 8); params leaves are
+  # float arrays; a padding mask is not a scalar.
+  with pytest.raises(TypeError, match="`query_shape` must be a shape"):
+    jaxmha.init_params(jax.random.key(0), cfg, (2.0, 6.0, 16.7), v.shape)
+  lists = {name: {leaf: np.asarray(x).tolist() for leaf, x in sub.items()}
+           for name, sub in params.items()}
+  with pytest.raises(TypeError, match=r"params\['query'\]\['kernel'\]"):
+    jaxmha.apply(lists, cfg, q, v)
+  with pytest.raises(ValueError, match="`value_mask` must have shape"):
+    jaxmha.apply(params, cfg, q, v, value_mask=0)
   with pytest.raises(ValueError, match="`rng` must be a single PRNG key"):
     jaxmha.init_params(jax.random.split(jax.random.key(0)), cfg, q.shape,
                        v.shape)
