@@ -7,7 +7,7 @@ variance-scaling initializers the kernel's input and output axes: the query
 kernel ``(D, N, H)`` has ``fan_in = D`` and ``fan_out = N * H``, the output
 kernel ``(N, H, *E)`` has ``fan_in = N * H`` and ``fan_out = prod(E)``.
 ``jaxmha.init_params`` and the modules pass the same axes
-(:func:`kernel_axes`), so initial weights have the distributions of a built
+(:func:`for_kernel`), so initial weights have the distributions of a built
 Keras layer. Without axes, fans follow Keras's rule for any shape (the last
 two dims, times the others as a receptive field).
 """
@@ -82,19 +82,6 @@ def compute_fans(shape, input_axes=None, output_axes=None) -> tuple[int, int]:
     return shape[0], shape[0]
   receptive_field = math.prod(shape[:-2])
   return shape[-2] * receptive_field, shape[-1] * receptive_field
-
-
-def kernel_axes(num_input_axes: int,
-                ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """The input and output axes of a kernel whose first ``num_input_axes``
-  dims contract with its input, as ``EinsumDense`` reads them off its
-  equation: 1 for the projections ``(D, N, H)``, 2 for the output kernel
-  ``(N, H, *E)``.
-
-  >>> kernel_axes(2, 4)
-  ((0, 1), (2, 3))
-  """
-  return tuple(range(num_input_axes)), tuple(range(num_input_axes, ndim))
 
 
 def _as_hashable(value):
@@ -316,10 +303,14 @@ def get(identifier) -> InitializerFn:
 def for_kernel(init: InitializerFn, num_input_axes: int,
                ndim: int) -> InitializerFn:
   """``init`` for a kernel of rank ``ndim`` whose first ``num_input_axes``
-  dims contract with the input: a :class:`KerasInitializer` is given the
-  kernel's axes (:func:`kernel_axes`); other callables draw as they are."""
+  dims contract with the input (the rest are its output axes), as
+  ``EinsumDense`` reads them off its equation: a :class:`KerasInitializer`
+  is given those axes; other callables draw as they are.
+
+  >>> for_kernel(get("glorot_uniform"), 2, 4).keywords
+  {'input_axes': (0, 1), 'output_axes': (2, 3)}
+  """
   if not isinstance(init, KerasInitializer):
     return init
-  input_axes, output_axes = kernel_axes(num_input_axes, ndim)
-  return functools.partial(init, input_axes=input_axes,
-                           output_axes=output_axes)
+  return functools.partial(init, input_axes=tuple(range(num_input_axes)),
+                           output_axes=tuple(range(num_input_axes, ndim)))

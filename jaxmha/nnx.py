@@ -208,7 +208,7 @@ class MultiHeadAttention(nnx.Module):
     params = self.params()
     # A stack of layers (nnx.vmap) holds each variable with leading layer
     # axes: each layer's penalty is summed.
-    layers = regularizers.stacked_axes(params["query"]["kernel"], 3)
+    layers = regularizers.stacked_axes(params["query"]["kernel"])
     total = jnp.zeros((), jnp.float32)
     for sub in params.values():
       for leaf, reg in (("kernel", self.kernel_regularizer),

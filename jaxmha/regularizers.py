@@ -219,10 +219,10 @@ def apply_constraints(params: Any, kernel_constraint=None,
   kc = get_constraint(kernel_constraint, "kernel_constraint")
   bc = get_constraint(bias_constraint, "bias_constraint")
   names = lambda path: tuple(getattr(k, "key", None) for k in path)
-  # The leading axes stacked onto a jaxmha layer's params (nn.scan,
-  # nnx.vmap), keyed by the layer's path: its (D, N, H) query kernel shows
-  # how many. Constraints act on each layer's kernels, as Keras's would.
-  stacked = {names(path)[:-2]: stacked_axes(leaf, 3)
+  # The leading axes stacked onto each jaxmha layer's params (nn.scan,
+  # nnx.vmap), keyed by the layer's path. Constraints act on each layer's
+  # kernels, as Keras's would.
+  stacked = {names(path)[:-2]: stacked_axes(leaf)
              for path, leaf in jax.tree_util.tree_leaves_with_path(params)
              if names(path)[-2:] == ("query", "kernel")}
 
@@ -238,9 +238,10 @@ def apply_constraints(params: Any, kernel_constraint=None,
   return jax.tree_util.tree_map_with_path(project, params)
 
 
-def stacked_axes(kernel, rank: int) -> int:
-  """How many leading axes are stacked onto a kernel of rank ``rank``."""
-  return max(0, jnp.ndim(kernel) - rank)
+def stacked_axes(query_kernel) -> int:
+  """How many leading (layer) axes are stacked onto a jaxmha layer's
+  params, read off its query kernel, ``(D, N, H)`` on its own."""
+  return max(0, jnp.ndim(query_kernel) - 3)
 
 
 def over_leading_axes(fn: Callable, n: int) -> Callable:
