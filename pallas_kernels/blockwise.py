@@ -19,7 +19,8 @@ Nothing of size ``T x S`` is ever stored, so memory is linear in the
 sequence lengths. Each update computes the scores of all its examples'
 heads at once; a large batch is taken a few examples at a time, so that
 these stay near the size the blocks were tuned at
-(:func:`_examples_per_step`).
+(:func:`_examples_per_step`). The steps cut the row layout, which is laid
+out once for the whole batch and shared by both passes (:func:`_over_steps`).
 
 Pairs the band (causal, sliding window) rules out are not in the plan at
 all. Pairs the band allows entirely, with no per-example mask, run a body
@@ -301,27 +302,28 @@ def _row_values(x, K: int, length: int):
   return _rows(jnp.swapaxes(x, 1, 2)[..., None], K, length)[..., 0]
 
 
-def _q_from_blocks(x, B: int, T: int, K: int, G: int):
-  """``(nq, B*K, bq*G, Hv)`` -> ``(B, T, N, Hv)``."""
-  nq, _, R, Hv = x.shape
-  bq = R // G
-  x = x.reshape(nq, B, K, bq, G, Hv).transpose(1, 0, 3, 2, 4, 5)
-  return x.reshape(B, nq * bq, K * G, Hv)[:, :T]  # (B, T, N, Hv)
+def _q_from_blocks(x, T: int, K: int, G: int):
+  """``(steps, nq, B*K, bq*G, Hv)`` -> ``(steps*B, T, N, Hv)``."""
+  steps, nq, BK, R, Hv = x.shape
+  B, bq = BK // K, R // G
+  x = x.reshape(steps, nq, B, K, bq, G, Hv).transpose(0, 2, 1, 4, 3, 5, 6)
+  return x.reshape(steps * B, nq * bq, K * G, Hv)[:, :T]
 
 
-def _row_values_from_blocks(x, B: int, T: int, K: int, G: int):
-  """Per-row ``(nq, B*K, bq*G)`` -> ``(B, N, T)``."""
-  nq, _, R = x.shape
-  bq = R // G
-  x = x.reshape(nq, B, K, bq, G).transpose(1, 2, 4, 0, 3)  # (B, K, G, nq, bq)
-  return x.reshape(B, K * G, nq * bq)[:, :, :T]
+def _row_values_from_blocks(x, T: int, K: int, G: int):
+  """Per-row ``(steps, nq, B*K, bq*G)`` -> ``(steps*B, N, T)``."""
+  steps, nq, BK, R = x.shape
+  B, bq = BK // K, R // G
+  x = x.reshape(steps, nq, B, K, bq, G).transpose(0, 2, 3, 5, 1, 4)
+  return x.reshape(steps * B, K * G, nq * bq)[:, :, :T]
 
 
-def _kv_from_blocks(x, B: int, S: int, K: int):
-  """``(nk, B*K, bk, H)`` -> ``(B, S, K, H)``."""
-  nk, _, bk, H = x.shape
-  x = x.reshape(nk, B, K, bk, H).transpose(1, 0, 3, 2, 4)
-  return x.reshape(B, nk * bk, K, H)[:, :S]
+def _kv_from_blocks(x, S: int, K: int):
+  """``(steps, nk, B*K, bk, H)`` -> ``(steps*B, S, K, H)``."""
+  steps, nk, BK, bk, H = x.shape
+  B = BK // K
+  x = x.reshape(steps, nk, B, K, bk, H).transpose(0, 2, 1, 4, 3, 5)
+  return x.reshape(steps * B, nk * bk, K, H)[:, :S]
 
 
 # -- masks and dropout of a range of positions ----------------------------------
@@ -1310,20 +1312,63 @@ def _padded_lengths(st: _Static) -> tuple[int, int]:
   return max(f.padded_T, b.padded_T), max(f.padded_S, b.padded_S)
 
 
-def _run_forward(st: _Static, q, k, v, data, seeds):
-  """Lays out the inputs in rows and runs :func:`_forward`.
+def _over_steps(st: _Static, fn, rows, data: masks_lib.MaskData, seeds):
+  """Runs ``fn`` on each step of ``st.B`` examples, one after another.
+
+  Args:
+    st: the statics of one step.
+    fn: ``fn(rows, blocks, seeds)`` of one step's row-layout arrays, its
+      :func:`_block_data` and its :class:`_Seeds` (or None); returns arrays.
+    rows: row-layout arrays of the whole batch, ``(steps*B*K, ...)``: the
+      rows of a step are a contiguous range, so cutting them moves nothing.
+    data: the per-example masks of the whole batch.
+    seeds: ``(2,)`` int32 dropout seeds, or None.
 
   Returns:
-    ``out (B, T, N, Hv)`` float32, ``lse (B, N, T)`` and the row-layout
-    inputs ``(q_all, k_all, v_all)`` that the backward reuses.
+    ``fn``'s results, stacked over a leading ``steps`` axis.
+  """
+  steps = rows[0].shape[0] // (st.B * st.K)
+  seeds_at = lambda offset: None if seeds is None else _Seeds(seeds, offset)
+  if steps == 1:
+    out = fn(rows, _block_data(data, st), seeds_at(jnp.int32(0)))
+    return jax.tree.map(lambda x: x[None], out)
+  split = lambda x: x.reshape((steps, x.shape[0] // steps) + x.shape[1:])
+  # Per-example arrays are cut with the batch; a mask broadcast over it
+  # (#B == 1) is the same for every step.
+  per_example = {f.name: split(x) for f in dataclasses.fields(data)
+                 if (x := getattr(data, f.name)) is not None
+                 and x.shape[0] == steps * st.B}
+
+  def step(xs):
+    rows, arrays, offset = xs
+    blocks = _block_data(dataclasses.replace(data, **arrays), st)
+    return fn(rows, blocks, seeds_at(offset))
+
+  offsets = jnp.arange(steps, dtype=jnp.int32) * st.B
+  return lax.map(step, (tuple(split(x) for x in rows), per_example, offsets))
+
+
+def _run_forward(st: _Static, q, k, v, data, seeds):
+  """Lays out the inputs in rows and runs :func:`_forward`, ``st.B``
+  examples at a time.
+
+  Args:
+    q, k, v: ``(steps*B, T, N, H)``, ``(steps*B, S, K, H | Hv)``.
+
+  Returns:
+    ``out (steps*B, T, N, Hv)`` float32, ``lse (steps*B, N, T)`` and the
+    row-layout inputs ``(q_all, k_all, v_all)`` that the backward reuses.
   """
   p = st.plan
   Tr, Sr = _padded_lengths(st)
-  q_all = _prescale(st, _rows(q, st.K, Tr))  # (B*K, Tr*G, H)
-  k_all, v_all = (_rows(x, st.K, Sr) for x in (k, v))  # (B*K, Sr, H | Hv)
-  out, lse = _forward(st, q_all, k_all, v_all, _block_data(data, st), seeds)
-  return (_q_from_blocks(out, st.B, p.T, st.K, st.G),
-          _row_values_from_blocks(lse, st.B, p.T, st.K, st.G),
+  q_all = _prescale(st, _rows(q, st.K, Tr))  # (steps*B*K, Tr*G, H)
+  # (steps*B*K, Sr, H | Hv)
+  k_all, v_all = (_rows(x, st.K, Sr) for x in (k, v))
+  out, lse = _over_steps(
+      st, lambda rows, blocks, seeds: _forward(st, *rows, blocks, seeds),
+      (q_all, k_all, v_all), data, seeds)
+  return (_q_from_blocks(out, p.T, st.K, st.G),
+          _row_values_from_blocks(lse, p.T, st.K, st.G),
           (q_all, k_all, v_all))
 
 
@@ -1342,7 +1387,7 @@ def _attention_fwd(st, q, k, v, data, seeds):
 
 def _attention_bwd(st, residuals, cotangents):
   """Runs :func:`_backward` with the backward plan on the forward's row
-  layout."""
+  layout, ``st.B`` examples at a time."""
   (q_all, k_all, v_all), data, seeds, out, lse = residuals
   d_out, d_lse = cotangents
   sb = dataclasses.replace(st, plan=st.bwd_plan)
@@ -1354,15 +1399,17 @@ def _attention_bwd(st, residuals, cotangents):
   delta = jnp.einsum("btnh,btnh->btn", d_out, out,
                      preferred_element_type=_F32)
   delta = jnp.swapaxes(delta, 1, 2) - d_lse  # (B, N, T)
-  dq, dk, dv = _backward(
-      sb, q_all, k_all, v_all, _block_data(data, sb), seeds,
-      # Empty rows: their LSE is finite (EMPTY_ROW_LSE) and every one of
-      # their entries is masked, so their probabilities are zero.
-      _row_values(lse, st.K, Tp), _rows(d_out, st.K, Tp),
-      _row_values(delta, st.K, Tp))
-  dq = _q_from_blocks(dq[None], st.B, p.T, st.K, st.G)
-  dk = _kv_from_blocks(dk, st.B, p.S, st.K)
-  dv = _kv_from_blocks(dv, st.B, p.S, st.K)
+  # Empty rows: their LSE is finite (EMPTY_ROW_LSE) and every one of their
+  # entries is masked, so their probabilities are zero.
+  rows = (q_all, k_all, v_all, _row_values(lse, st.K, Tp),
+          _rows(d_out, st.K, Tp), _row_values(delta, st.K, Tp))
+  dq, dk, dv = _over_steps(
+      sb, lambda rows, blocks, seeds: _backward(sb, *rows[:3], blocks, seeds,
+                                                *rows[3:]),
+      rows, data, seeds)
+  dq = _q_from_blocks(dq[:, None], p.T, st.K, st.G)
+  dk = _kv_from_blocks(dk, p.S, st.K)
+  dv = _kv_from_blocks(dv, p.S, st.K)
   # Integer and boolean inputs (masks, seeds) get no cotangent.
   return (dq.astype(q_all.dtype), dk.astype(k_all.dtype),
           dv.astype(v_all.dtype),
@@ -1414,12 +1461,17 @@ def attention(q, k, v, prep: common.Prepared, *,
   out_dtype = q.dtype
   q, k, v = common.in_common_dtype(q, k, v)
   step = _examples_per_step(st)
-  if step == st.B:
-    seeds = None if prep.seeds is None else _Seeds(prep.seeds, jnp.int32(0))
-    out, lse = _attention(st, q, k, v, prep.data, seeds)
-  else:
-    out, lse = _attention_by_examples(dataclasses.replace(st, B=step), q, k,
-                                      v, prep.data, prep.seeds)
+  # A batch that no step size divides is padded with zero examples to whole
+  # steps; their outputs are dropped.
+  padded = _cdiv(st.B, step) * step
+  q, k, v = (_pad_axis(x, 0, padded) for x in (q, k, v))
+  data = dataclasses.replace(prep.data, **{
+      f.name: _pad_axis(x, 0, padded) for f in dataclasses.fields(prep.data)
+      if (x := getattr(prep.data, f.name)) is not None
+      and x.shape[0] == st.B})
+  out, lse = _attention(dataclasses.replace(st, B=step), q, k, v, data,
+                        prep.seeds)
+  out, lse = out[:st.B], lse[:st.B]
   return out.astype(out_dtype), lse
 
 
@@ -1458,40 +1510,3 @@ def _examples_per_step(st: _Static) -> int:
   if 4 * step * per_example < _MAX_STEP_ENTRIES:
     step = _balanced(st.B, fits)
   return step
-
-
-def _attention_by_examples(st: _Static, q, k, v, data: masks_lib.MaskData,
-                           seeds):
-  """:func:`_attention` over the batch, ``st.B`` examples at a time.
-
-  Args:
-    st: the statics of one step (``st.B`` examples).
-    q, k, v: ``(B, T, N, H)``, ``(B, S, K, H | Hv)``; ``B`` is padded with
-      zero examples to whole steps, whose outputs are dropped.
-    data: the per-example masks of all ``B`` examples.
-    seeds: ``(2,)`` int32 dropout seeds, or None.
-
-  Returns:
-    ``(out (B, T, N, Hv), lse (B, N, T))``.
-  """
-  B = q.shape[0]
-  groups = _cdiv(B, st.B)
-  split = lambda x: _pad_axis(x, 0, groups * st.B).reshape(
-      (groups, st.B) + x.shape[1:])
-  # Per-example arrays are cut with the batch; a mask broadcast over it
-  # (#B == 1) is the same for every group.
-  per_example = {f.name: split(x) for f in dataclasses.fields(data)
-                 if (x := getattr(data, f.name)) is not None
-                 and x.shape[0] == B}
-  offsets = jnp.arange(groups, dtype=jnp.int32) * st.B
-
-  def group(xs):
-    q, k, v, arrays, offset = xs
-    group_seeds = None if seeds is None else _Seeds(seeds, offset)
-    return _attention(st, q, k, v, dataclasses.replace(data, **arrays),
-                      group_seeds)
-
-  out, lse = lax.map(group, (split(q), split(k), split(v), per_example,
-                             offsets))
-  merge = lambda x: x.reshape((groups * st.B,) + x.shape[2:])[:B]
-  return merge(out), merge(lse)
