@@ -21,6 +21,8 @@ heads at once; a large batch is taken a few examples at a time, so that
 these stay near the size the blocks were tuned at
 (:func:`_examples_per_step`). The steps cut the row layout, which is laid
 out once for the whole batch and shared by both passes (:func:`_over_steps`).
+Under ``vmap`` the vmapped axis is folded into the batch
+(:func:`_folding_vmap`), so an ensemble's attention runs as one call.
 
 Pairs the band (causal, sliding window) rules out are not in the plan at
 all. Pairs the band allows entirely, with no per-example mask, run a body
@@ -498,10 +500,15 @@ def _allowed(blocks, st: _Static, q0, rows: int, k0, cols: int,
 
 
 class _Seeds(NamedTuple):
-  """The dropout hash's inputs for a call on examples ``[batch_offset,
-  batch_offset + B)`` of the user's batch (see :func:`attention`)."""
-  words: jax.Array  # (2,) int32, from dropout_lib.seed_words
-  batch_offset: jax.Array  # int32 scalar
+  """The dropout hash's inputs for ``B`` examples.
+
+  ``words`` is the ``(2,)`` int32 of :func:`dropout_lib.seed_words`, or
+  ``(B, 2)``, one pair per example, when a ``vmap`` over keys was folded
+  into the batch (:func:`_folding_vmap`). ``examples`` ``(B,)`` int32 is
+  each example's index in its own call's batch, which the hash takes.
+  """
+  words: jax.Array
+  examples: jax.Array
 
 
 def _keep(seeds: _Seeds, st: _Static, q0, rows: int, k0, cols: int,
@@ -512,16 +519,18 @@ def _keep(seeds: _Seeds, st: _Static, q0, rows: int, k0, cols: int,
   Absolute indices (batch, query head, query, key) go into the hash, so the
   bits are the reference's.
   """
-  B, K, G = st.B, st.K, st.G
-  b = seeds.batch_offset + jnp.arange(B, dtype=jnp.int32)
-  b = b[:, None, None, None, None]
+  K, G = st.K, st.G
+  b = seeds.examples[:, None, None, None, None]
+  words = seeds.words
+  if words.ndim == 2:  # a pair per example: (2, B, 1, 1, 1, 1)
+    words = words.T[:, :, None, None, None, None]
   n = (jnp.arange(K, dtype=jnp.int32)[None, :, None, None, None] * G
        + jnp.arange(G, dtype=jnp.int32)[None, None, None, :, None])
   i = q0 + jnp.arange(rows, dtype=jnp.int32)[None, None, :, None, None]
-  h_row = dropout_lib.row_hash(seeds.words, b, n, i)  # (B, K, rows, G, 1)
+  h_row = dropout_lib.row_hash(words, b, n, i)  # (B, K, rows, G, 1)
   j = k0 + jnp.arange(cols, dtype=jnp.int32)
   # (B, K, rows, G, cols)
-  bits = dropout_lib.bits_from_row(h_row, j, seeds.words[1])
+  bits = dropout_lib.bits_from_row(h_row, j, words[1])
   keep = bits >= dropout_lib.threshold(st.dropout_rate)
   return _to_block_layout(keep, st, rows, cols, transposed)
 
@@ -1322,30 +1331,37 @@ def _over_steps(st: _Static, fn, rows, data: masks_lib.MaskData, seeds):
     rows: row-layout arrays of the whole batch, ``(steps*B*K, ...)``: the
       rows of a step are a contiguous range, so cutting them moves nothing.
     data: the per-example masks of the whole batch.
-    seeds: ``(2,)`` int32 dropout seeds, or None.
+    seeds: the :class:`_Seeds` of the whole batch, or None.
 
   Returns:
     ``fn``'s results, stacked over a leading ``steps`` axis.
   """
   steps = rows[0].shape[0] // (st.B * st.K)
-  seeds_at = lambda offset: None if seeds is None else _Seeds(seeds, offset)
   if steps == 1:
-    out = fn(rows, _block_data(data, st), seeds_at(jnp.int32(0)))
+    out = fn(rows, _block_data(data, st), seeds)
     return jax.tree.map(lambda x: x[None], out)
   split = lambda x: x.reshape((steps, x.shape[0] // steps) + x.shape[1:])
   # Per-example arrays are cut with the batch; a mask broadcast over it
-  # (#B == 1) is the same for every step.
+  # (#B == 1) and seed words shared by every example are the same for every
+  # step.
   per_example = {f.name: split(x) for f in dataclasses.fields(data)
                  if (x := getattr(data, f.name)) is not None
                  and x.shape[0] == steps * st.B}
+  step_seeds = None
+  if seeds is not None:
+    shared = seeds.words.ndim == 1 or seeds.words.shape[0] == 1
+    step_seeds = _Seeds(None if shared else split(seeds.words),
+                        split(seeds.examples))
 
   def step(xs):
-    rows, arrays, offset = xs
+    rows, arrays, step_seeds = xs
     blocks = _block_data(dataclasses.replace(data, **arrays), st)
-    return fn(rows, blocks, seeds_at(offset))
+    if step_seeds is not None and shared:
+      step_seeds = step_seeds._replace(words=seeds.words)
+    return fn(rows, blocks, step_seeds)
 
-  offsets = jnp.arange(steps, dtype=jnp.int32) * st.B
-  return lax.map(step, (tuple(split(x) for x in rows), per_example, offsets))
+  return lax.map(step, (tuple(split(x) for x in rows), per_example,
+                        step_seeds))
 
 
 def _run_forward(st: _Static, q, k, v, data, seeds):
@@ -1372,27 +1388,89 @@ def _run_forward(st: _Static, q, k, v, data, seeds):
           (q_all, k_all, v_all))
 
 
+def _folding_vmap(fn, batch: int):
+  """``fn`` as a function that ``jax.vmap`` folds into its batch.
+
+  ``fn(arrays, data, seeds)`` takes a tuple of arrays that lead with its
+  ``batch`` examples (or example-major rows, ``batch * K``), their
+  ``MaskData`` and :class:`_Seeds` (or None), and returns a tree of such
+  arrays. Batched as JAX batches any function, every block update would
+  carry the vmapped axis beside the examples, past the size the blocks and
+  the steps were tuned at (:func:`_examples_per_step`). Folded, a ``vmap``
+  over models or examples runs one call on ``axis_size * batch`` examples,
+  taken a step at a time. Each instance keeps its own dropout bits: the hash
+  takes each example's index in its own batch and its instance's key.
+  """
+  folding = jax.custom_batching.custom_vmap(fn)
+
+  @folding.def_vmap
+  def rule(axis_size, in_batched, arrays, data, seeds):
+    M = axis_size
+    arrays_batched, data_batched, seeds_batched = in_batched
+
+    def fold(x, batched):
+      """``(M, X, ...)``, or ``(X, ...)`` for every instance, -> ``(M*X,
+      ...)``."""
+      x = x if batched else jnp.broadcast_to(x, (M,) + x.shape)
+      return x.reshape((M * x.shape[1],) + x.shape[2:])
+
+    def fold_per_example(x, batched):
+      """Like :func:`fold`, but a leading 1 (one mask or key for every
+      example of an instance) is first broadcast to the batch."""
+      if not batched:
+        if x.shape[0] == 1:
+          return x  # the same for every example of every instance
+        x = x[None]
+      x = jnp.broadcast_to(x, (M, batch) + x.shape[2:])
+      return x.reshape((M * batch,) + x.shape[2:])
+
+    arrays = tuple(map(fold, arrays, arrays_batched))
+    data = jax.tree.map(fold_per_example, data, data_batched)
+    if seeds is not None:
+      words = seeds.words
+      if seeds_batched.words and words.ndim == 2:  # (M, 2): a key each
+        words = words[:, None]
+      if seeds_batched.words or words.ndim == 2:  # then a pair per example
+        words = fold_per_example(words, seeds_batched.words)
+      seeds = _Seeds(words, fold(seeds.examples, seeds_batched.examples))
+    out = _folding_vmap(fn, M * batch)(arrays, data, seeds)
+    out = jax.tree.map(lambda y: y.reshape((M, -1) + y.shape[1:]), out)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return folding
+
+
+def _forward_rows(st: _Static, q, k, v, data, seeds):
+  """:func:`_run_forward`, folded into the batch under ``vmap``."""
+  run = lambda arrays, data, seeds: _run_forward(st, *arrays, data, seeds)
+  return _folding_vmap(run, q.shape[0])((q, k, v), data, seeds)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(st: _Static, q, k, v, data, seeds):
-  return _run_forward(st, q, k, v, data, seeds)[:2]
+  return _forward_rows(st, q, k, v, data, seeds)[:2]
 
 
 def _attention_fwd(st, q, k, v, data, seeds):
-  out, lse, laid_out = _run_forward(st, q, k, v, data, seeds)
+  out, lse, laid_out = _forward_rows(st, q, k, v, data, seeds)
   # The backward reuses the forward's row layout of q, k and v rather than
   # laying them out again; out is only needed for D = rowsum(dO * O), taken
   # in its own layout.
   return (out, lse), (laid_out, data, seeds, out, lse)
 
 
-def _attention_bwd(st, residuals, cotangents):
-  """Runs :func:`_backward` with the backward plan on the forward's row
-  layout, ``st.B`` examples at a time."""
-  (q_all, k_all, v_all), data, seeds, out, lse = residuals
-  d_out, d_lse = cotangents
-  sb = dataclasses.replace(st, plan=st.bwd_plan)
-  p = sb.plan
-  Tp = p.padded_T
+def _run_backward(st: _Static, arrays, data, seeds):
+  """Runs :func:`_backward`, ``st.B`` examples at a time.
+
+  Args:
+    arrays: the forward's row layout ``(q_all, k_all, v_all)``, then ``out
+      (B, T, N, Hv)``, ``lse (B, N, T)`` and their cotangents.
+
+  Returns:
+    ``dq (B, T, N, H)``, ``dk (B, S, K, H)``, ``dv (B, S, K, Hv)``, float32.
+  """
+  q_all, k_all, v_all, out, lse, d_out, d_lse = arrays
+  p = st.plan
   d_out = d_out.astype(_F32)
   # D - dlse per row: the LSE's cotangent enters dS like -D. (As a batched
   # dot: XLA's CPU reduction over a short minor axis is about 10x slower.)
@@ -1401,15 +1479,25 @@ def _attention_bwd(st, residuals, cotangents):
   delta = jnp.swapaxes(delta, 1, 2) - d_lse  # (B, N, T)
   # Empty rows: their LSE is finite (EMPTY_ROW_LSE) and every one of their
   # entries is masked, so their probabilities are zero.
-  rows = (q_all, k_all, v_all, _row_values(lse, st.K, Tp),
-          _rows(d_out, st.K, Tp), _row_values(delta, st.K, Tp))
+  rows = (q_all, k_all, v_all, _row_values(lse, st.K, p.padded_T),
+          _rows(d_out, st.K, p.padded_T), _row_values(delta, st.K, p.padded_T))
   dq, dk, dv = _over_steps(
-      sb, lambda rows, blocks, seeds: _backward(sb, *rows[:3], blocks, seeds,
+      st, lambda rows, blocks, seeds: _backward(st, *rows[:3], blocks, seeds,
                                                 *rows[3:]),
       rows, data, seeds)
-  dq = _q_from_blocks(dq[:, None], p.T, st.K, st.G)
-  dk = _kv_from_blocks(dk, p.S, st.K)
-  dv = _kv_from_blocks(dv, p.S, st.K)
+  return (_q_from_blocks(dq[:, None], p.T, st.K, st.G),
+          _kv_from_blocks(dk, p.S, st.K), _kv_from_blocks(dv, p.S, st.K))
+
+
+def _attention_bwd(st, residuals, cotangents):
+  """Runs :func:`_backward` with the backward plan on the forward's row
+  layout, folded into the batch under ``vmap``."""
+  laid_out, data, seeds, out, lse = residuals
+  sb = dataclasses.replace(st, plan=st.bwd_plan)
+  run = lambda arrays, data, seeds: _run_backward(sb, arrays, data, seeds)
+  dq, dk, dv = _folding_vmap(run, out.shape[0])(
+      (*laid_out, out, lse, *cotangents), data, seeds)
+  q_all, k_all, v_all = laid_out
   # Integer and boolean inputs (masks, seeds) get no cotangent.
   return (dq.astype(q_all.dtype), dk.astype(k_all.dtype),
           dv.astype(v_all.dtype),
@@ -1469,8 +1557,11 @@ def attention(q, k, v, prep: common.Prepared, *,
       f.name: _pad_axis(x, 0, padded) for f in dataclasses.fields(prep.data)
       if (x := getattr(prep.data, f.name)) is not None
       and x.shape[0] == st.B})
+  seeds = None
+  if prep.seeds is not None:
+    seeds = _Seeds(prep.seeds, jnp.arange(padded, dtype=jnp.int32))
   out, lse = _attention(dataclasses.replace(st, B=step), q, k, v, data,
-                        prep.seeds)
+                        seeds)
   out, lse = out[:st.B], lse[:st.B]
   return out.astype(out_dtype), lse
 

@@ -635,6 +635,94 @@ def test_vmap_of_gradient_with_batched_lengths():
     assert_close(g, r, GRAD)
 
 
+def _most_dot_batch_dims(jaxpr) -> int:
+  """The most batch dims of any ``dot_general`` in ``jaxpr`` or the jaxprs
+  its equations hold."""
+  most = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (_, (batch_dims, _)) = eqn.params["dimension_numbers"]
+      most = max(most, len(batch_dims))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          most = max(most, _most_dot_batch_dims(sub))
+  return most
+
+
+def _folded(vmapped, args, one, one_args) -> bool:
+  """Whether ``vmapped`` runs as ``one`` does on a larger batch: none of its
+  matmuls has more batch dims than ``one``'s (vmap's own batching adds one
+  per vmap to every matmul of two batched operands)."""
+  dims = lambda fn, args: _most_dot_batch_dims(jax.make_jaxpr(fn)(*args).jaxpr)
+  return dims(vmapped, args) == dims(one, one_args)
+
+
+@pytest.mark.parametrize("shared", ["kv_and_key", "nothing"])
+def test_vmap_folds_instances_into_the_batch(shared):
+  # Three instances (an ensemble's models, say) of a call on two examples,
+  # each with its own kv_lengths and, unless shared, its own k, v and
+  # dropout key; the dense mask is one for all. vmap runs them as one call
+  # on six examples, a step of one at a time, and each instance still gets
+  # what its own call gives, dropout bits included.
+  M = 3
+  shape = AttentionShape(B=2, T=40, S=56, N=4, K=2, H=16)
+  q, k, v, kw = make_inputs(Case(shape, "all", dropout=0.25))
+  rngs = jax.random.split(jax.random.key(7), 5)
+  qs = jax.random.normal(rngs[0], (M,) + q.shape)
+  lengths = jax.random.randint(rngs[1], (M, shape.B), 0, shape.S + 1)
+  keys = kw.pop("dropout_rng")
+  kv_axis = None
+  if shared == "nothing":
+    k = jax.random.normal(rngs[2], (M,) + k.shape)
+    v = jax.random.normal(rngs[3], (M,) + v.shape)
+    keys = jax.random.split(rngs[4], M)
+    kv_axis = 0
+  kw.pop("kv_lengths")
+
+  def fn(q, k, v, lengths, key):
+    return pallas_kernels.flash_attention(
+        q, k, v, backend="xla", block_sizes=SMALL_BLOCKS, kv_lengths=lengths,
+        dropout_rng=key, **kw)
+
+  def loss(*args):
+    return jnp.sum(jnp.sin(fn(*args)))
+
+  axes = (0, kv_axis, kv_axis, 0, kv_axis)
+  pick = lambda x, axis, m: x if axis is None else x[m]
+  with mock.patch.object(blockwise, "_MAX_STEP_ENTRIES", 1):
+    args = (qs, k, v, lengths, keys)
+    vmapped = jax.vmap(fn, in_axes=axes)
+    out = jax.jit(vmapped)(*args)
+    grad = jax.vmap(jax.grad(loss, (0, 1, 2)), in_axes=axes)
+    grads = jax.jit(grad)(*args)
+    for m in range(M):
+      one = tuple(pick(x, axis, m) for x, axis in zip(args, axes))
+      if m == 0:
+        assert _folded(grad, args, jax.grad(loss, (0, 1, 2)), one)
+      assert_close(out[m], jax.jit(fn)(*one), FORWARD)
+      one_grads = jitted_grad(loss)(*one)
+      for g, r, axis in zip(grads, one_grads, axes):
+        # A shared k or v gets one gradient per instance.
+        assert_close(g[m], r, GRAD)
+
+
+def test_nested_vmaps_fold_into_the_batch():
+  shape = AttentionShape(B=1, T=24, S=24, N=2, K=2, H=16)
+  _, _, _, kw = make_inputs(Case(shape, "causal", dropout=0.3))
+  q, k, v = (jax.random.normal(key, (2, 3, 1, 24, 2, 16))
+             for key in jax.random.split(jax.random.key(3), 3))
+  fn = lambda q, k, v: pallas_kernels.flash_attention(
+      q, k, v, backend="xla", block_sizes=SMALL_BLOCKS, **kw)
+  nested = jax.vmap(jax.vmap(fn))
+  assert _folded(nested, (q, k, v), fn, (q[0, 0], k[0, 0], v[0, 0]))
+  out = jax.jit(nested)(q, k, v)
+  for i in range(2):
+    for j in range(3):
+      assert_close(out[i, j], jax.jit(fn)(q[i, j], k[i, j], v[i, j]),
+                   FORWARD)
+
 def test_prepared_call_ignores_interpret():
   q = jax.random.normal(jax.random.key(0), (1, 33, 2, 8))
   prep = common.prepare(q, q, q, causal=True)
