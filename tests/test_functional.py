@@ -554,6 +554,20 @@ def test_forward_mode_autodiff_on_the_fused_path():
   np.testing.assert_allclose(hvp, want, rtol=1e-3, atol=1e-3)
 
 
+
+def test_reverse_over_reverse_needs_the_fused_path():
+  """The README's rule: ``jax.grad`` of ``jax.grad`` fails on the blockwise
+  path (its loops and vmap-folding rule are not transposable) and runs on
+  the fused one."""
+  cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8), B=1,
+                             T=160, S=160)
+  f = lambda x: jnp.sum(jaxmha.apply(params, cfg, x, v) ** 2)
+  second = lambda: jax.jit(jax.grad(lambda x: jnp.sum(jax.grad(f)(x) ** 2)))
+  with pytest.raises(ValueError):
+    second()(q)
+  with jaxmha.dispatch.use_path("xla"):
+    assert bool(jnp.all(jnp.isfinite(second()(q))))
+
 # -- property test against an independent implementation ------------------------
 
 
