@@ -1344,20 +1344,20 @@ def _over_steps(st: _Static, fn, rows, data: masks_lib.MaskData, seeds):
   # Per-example arrays are cut with the batch; a mask broadcast over it
   # (#B == 1) and seed words shared by every example are the same for every
   # step.
-  per_example = {f.name: split(x) for f in dataclasses.fields(data)
-                 if (x := getattr(data, f.name)) is not None
-                 and x.shape[0] == steps * st.B}
-  step_seeds = None
+  per_example = {name: split(x)
+                 for name, x in data.per_example(steps * st.B).items()}
+  step_seeds = shared_words = None
   if seeds is not None:
-    shared = seeds.words.ndim == 1 or seeds.words.shape[0] == 1
-    step_seeds = _Seeds(None if shared else split(seeds.words),
-                        split(seeds.examples))
+    if seeds.words.ndim == 1 or seeds.words.shape[0] == 1:
+      shared_words = seeds.words
+    step_seeds = _Seeds(None if shared_words is not None
+                        else split(seeds.words), split(seeds.examples))
 
   def step(xs):
     rows, arrays, step_seeds = xs
     blocks = _block_data(dataclasses.replace(data, **arrays), st)
-    if step_seeds is not None and shared:
-      step_seeds = step_seeds._replace(words=seeds.words)
+    if shared_words is not None:
+      step_seeds = step_seeds._replace(words=shared_words)
     return fn(rows, blocks, step_seeds)
 
   return lax.map(step, (tuple(split(x) for x in rows), per_example,
@@ -1554,9 +1554,8 @@ def attention(q, k, v, prep: common.Prepared, *,
   padded = _cdiv(st.B, step) * step
   q, k, v = (_pad_axis(x, 0, padded) for x in (q, k, v))
   data = dataclasses.replace(prep.data, **{
-      f.name: _pad_axis(x, 0, padded) for f in dataclasses.fields(prep.data)
-      if (x := getattr(prep.data, f.name)) is not None
-      and x.shape[0] == st.B})
+      name: _pad_axis(x, 0, padded)
+      for name, x in prep.data.per_example(st.B).items()})
   seeds = None
   if prep.seeds is not None:
     seeds = _Seeds(prep.seeds, jnp.arange(padded, dtype=jnp.int32))

@@ -261,6 +261,13 @@ class MaskData:
   def is_empty(self) -> bool:
     return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
 
+  def per_example(self, B: int) -> dict:
+    """``{field name: array}`` of the arrays with one entry per example of
+    a batch of ``B``: all but a mask broadcast over the batch (``#B == 1``
+    with ``B > 1``), which every example shares."""
+    return {f.name: x for f in dataclasses.fields(self)
+            if (x := getattr(self, f.name)) is not None and x.shape[0] == B}
+
 
 def normalize_mask_data(B: int, T: int, S: int, N: int, *, segment_ids=None,
                         q_lengths=None, kv_lengths=None,
