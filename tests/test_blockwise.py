@@ -690,21 +690,19 @@ def test_vmap_folds_instances_into_the_batch(shared):
     return jnp.sum(jnp.sin(fn(*args)))
 
   axes = (0, kv_axis, kv_axis, 0, kv_axis)
-  pick = lambda x, axis, m: x if axis is None else x[m]
+  args = (qs, k, v, lengths, keys)
+  # Instance m's own arguments.
+  own = lambda m: tuple(x if axis is None else x[m]
+                        for x, axis in zip(args, axes))
   with mock.patch.object(blockwise, "_MAX_STEP_ENTRIES", 1):
-    args = (qs, k, v, lengths, keys)
-    vmapped = jax.vmap(fn, in_axes=axes)
-    out = jax.jit(vmapped)(*args)
+    out = jax.jit(jax.vmap(fn, in_axes=axes))(*args)
     grad = jax.vmap(jax.grad(loss, (0, 1, 2)), in_axes=axes)
+    assert _folded(grad, args, jax.grad(loss, (0, 1, 2)), own(0))
     grads = jax.jit(grad)(*args)
     for m in range(M):
-      one = tuple(pick(x, axis, m) for x, axis in zip(args, axes))
-      if m == 0:
-        assert _folded(grad, args, jax.grad(loss, (0, 1, 2)), one)
-      assert_close(out[m], jax.jit(fn)(*one), FORWARD)
-      one_grads = jitted_grad(loss)(*one)
-      for g, r, axis in zip(grads, one_grads, axes):
-        # A shared k or v gets one gradient per instance.
+      assert_close(out[m], jax.jit(fn)(*own(m)), FORWARD)
+      # A shared k or v gets one gradient per instance.
+      for g, r in zip(grads, jitted_grad(loss)(*own(m))):
         assert_close(g[m], r, GRAD)
 
 
