@@ -716,9 +716,14 @@ class RingPath:
       k = jax.ShapeDtypeStruct((p.B, Sl, p.K, p.H), req.k.dtype)
       v = jax.ShapeDtypeStruct((p.B, Sl, p.K, p.Hv), req.v.dtype)
       # Trace only: a kernel refuses what it cannot serve while tracing.
-      jax.eval_shape(functools.partial(
-          pallas_kernels.flash_attention, causal=causal, backend=backend,
-          interpret=interpret), q, k, v)
+      try:
+        jax.eval_shape(functools.partial(
+            pallas_kernels.flash_attention, causal=causal, backend=backend,
+            interpret=interpret), q, k, v)
+      except NotImplementedError as e:
+        raise common.UnsupportedCallError(
+            f"{e} (with flash_attention=False the ring runs blockwise XLA "
+            "blocks)") from e
 
   def run(self, req):
     prep = req.prep

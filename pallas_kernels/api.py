@@ -31,11 +31,27 @@ _TARGET_MODULES = {
 
 
 def target_module(backend: str):
-  """The module that implements ``backend`` (imported on first use)."""
+  """The module that implements ``backend`` (imported on first use).
+
+  Raises:
+    ValueError: an unknown ``backend``.
+    UnsupportedCallError: this JAX cannot import the Pallas backend the
+      kernel is written for (JAX 0.11 deprecates Pallas's Triton backend,
+      and a later release may drop it). The layer's dispatch then takes the
+      blockwise XLA path.
+  """
   if backend not in _TARGET_MODULES:
     raise ValueError(f"`backend` must be one of {sorted(_TARGET_MODULES)} or "
                      f"None; got backend={backend!r}.")
-  return importlib.import_module(_TARGET_MODULES[backend])
+  try:
+    return importlib.import_module(_TARGET_MODULES[backend])
+  except ImportError as e:
+    if not (e.name or "").startswith("jax"):
+      raise  # not a missing JAX module: a defect to see, not a refusal
+    raise common.UnsupportedCallError(
+        f"backend={backend!r} needs {e.name}, which JAX {jax.__version__} "
+        f"cannot import ({e}); backend='xla' runs the blockwise XLA "
+        "path.") from e
 
 
 def default_backend(interpret: bool = False) -> str:

@@ -379,6 +379,57 @@ def test_shard_map_two_devices():
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
+def test_a_jax_without_pallas_triton_falls_back_to_blockwise():
+  # JAX 0.11 deprecates Pallas's Triton backend. Where JAX cannot import it,
+  # the kernel refuses by name, the layer takes the blockwise path on a GPU
+  # and the ring says how to run without the kernel. In a subprocess: the import is blocked before anything imports it.
+  code = textwrap.dedent("""
+      import sys
+      sys.modules["jax.experimental.pallas.triton"] = None  # import fails
+      from unittest import mock
+      import jax, jax.numpy as jnp, numpy as np
+      import jaxmha, pallas_kernels
+      q = jax.random.normal(jax.random.key(0), (1, 16, 2, 32))
+      try:
+        pallas_kernels.flash_attention(q, q, q, backend="gpu", interpret=True)
+        raise AssertionError("the kernel ran without its Pallas backend")
+      except pallas_kernels.UnsupportedCallError as e:
+        assert "jax.experimental.pallas.triton" in str(e), e
+      cfg = jaxmha.MHAConfig(num_heads=2, key_dim=16)
+      x = jax.random.normal(jax.random.key(1), (2, 256, 32))
+      params = jaxmha.init_params(jax.random.key(2), cfg, x.shape, x.shape)
+      want = jaxmha.apply(params, cfg, x, x, use_causal_mask=True)
+      with mock.patch.object(jax, "default_backend", lambda: "gpu"):
+        how = jaxmha.explain(cfg, x, x, use_causal_mask=True)
+        assert how.path == "xla_blockwise", how
+        assert "pallas.triton" in how.refusals["flash"], how
+        got = jaxmha.apply(params, cfg, x, x, use_causal_mask=True)
+        np.testing.assert_array_equal(got, want)
+        forced = dict(cfg.get_config(), flash_attention=True)
+        try:
+          jaxmha.apply(params, jaxmha.MHAConfig(**forced), x, x)
+          raise AssertionError("forced flash ran without its Pallas backend")
+        except jaxmha.UnsupportedCallError as e:
+          assert "pallas.triton" in str(e), e
+        with jax.set_mesh(jax.make_mesh((1,), ("seq",))):
+          ring = dict(cfg.get_config(), context_parallel_axis="seq")
+          try:
+            jaxmha.apply(params, jaxmha.MHAConfig(**ring), x, x)
+            raise AssertionError("the ring ran without its Pallas backend")
+          except jaxmha.UnsupportedCallError as e:
+            assert "flash_attention=False" in str(e), e
+          ring["flash_attention"] = False
+          got = jaxmha.apply(params, jaxmha.MHAConfig(**ring), x, x,
+                             use_causal_mask=True)
+          np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+      print("OK")
+  """)
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                          env=harness.env(devices=1),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_gpu_check_tiny(tmp_path):
   # The GPU check script's --tiny mode: every part at tiny sizes, on CPU
