@@ -44,14 +44,13 @@ from pallas_kernels import masks as kernel_masks
 def _as_bool(name: str, mask):
   if not hasattr(mask, "dtype"):
     mask = np.asarray(mask)  # NumPy first: jnp rejects strings unnamed
-  if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.number)):
+  # jnp.issubdtype: NumPy's does not count bfloat16 as a number.
+  if not (mask.dtype == np.bool_ or jnp.issubdtype(mask.dtype, jnp.number)):
     raise TypeError(f"`{name}` must be boolean or numeric; got "
                     f"{name}.dtype={mask.dtype}, {name}.shape={mask.shape}.")
   mask = jnp.asarray(mask)
   if mask.dtype == jnp.bool_:
     return mask
-  if not (jnp.issubdtype(mask.dtype, jnp.number)):
-    raise TypeError(f"`{name}` must be boolean or numeric; got {mask.dtype}.")
   return mask != 0  # Keras casts to bool: nonzero means "may attend"
 
 

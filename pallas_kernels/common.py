@@ -145,7 +145,7 @@ def is_real_scalar(x) -> bool:
     return True
   dtype = getattr(x, "dtype", None)
   return (dtype is not None and np.ndim(x) == 0
-          and np.issubdtype(dtype, np.number))
+          and jnp.issubdtype(dtype, jnp.number))  # bfloat16 included
 
 
 def in_common_dtype(q, k, v):

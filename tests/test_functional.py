@@ -63,9 +63,13 @@ def test_query_mask_is_applied():
 def test_numeric_masks_are_cast_like_keras():
   cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8))
   mask = np.random.default_rng(0).random((2, 6, 6)) > 0.4
-  np.testing.assert_allclose(
-      jaxmha.apply(params, cfg, q, v, attention_mask=mask.astype(np.float32)),
-      jaxmha.apply(params, cfg, q, v, attention_mask=mask), atol=1e-6)
+  want = jaxmha.apply(params, cfg, q, v, attention_mask=mask)
+  for dtype in (np.float32, np.int32, jnp.bfloat16, jnp.float16):
+    np.testing.assert_allclose(
+        jaxmha.apply(params, cfg, q, v,
+                     attention_mask=jnp.asarray(mask, dtype),
+                     value_mask=jnp.ones((2, 6), dtype)), want, atol=1e-6,
+        err_msg=str(dtype))
 
 
 # -- dropout -----------------------------------------------------------------
@@ -331,7 +335,8 @@ def test_config_errors_name_the_argument(kwargs, match):
 
 
 def test_config_takes_numpy_and_jax_scalars_for_dropout():
-  for rate in (np.float32(0.25), jnp.float32(0.25), np.float64(0.25)):
+  for rate in (np.float32(0.25), jnp.float32(0.25), np.float64(0.25),
+               jnp.bfloat16(0.25)):
     cfg = jaxmha.MHAConfig(num_heads=2, key_dim=4, dropout=rate)
     assert cfg.dropout == 0.25
   for rate in (True, None, jnp.array([0.1])):

@@ -139,7 +139,7 @@ def test_kernel_api_argument_errors_name_the_argument():
       jax.jit(fn)(0.5)
   # NumPy and concrete JAX scalars are numbers too.
   want = call(backend="xla", scale=0.5, dropout_rate=0.25, dropout_rng=key)
-  for scalar in (np.float32, jnp.float32):
+  for scalar in (np.float32, jnp.float32, jnp.bfloat16):
     got = call(backend="xla", scale=scalar(0.5), dropout_rate=scalar(0.25),
                dropout_rng=key)
     np.testing.assert_array_equal(got, want)
