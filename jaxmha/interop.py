@@ -289,6 +289,12 @@ def to_keras(params: dict, cfg: MHAConfig, keras_layer: Optional[Any] = None,
     value_shape: ``(B, ..., Dv)``; default ``query_shape``.
     key_shape: ``(B, ..., Dk)``; default ``value_shape``.
 
+  A new layer takes Keras's global dtype policy
+  (``keras.config.dtype_policy()``, float32 by default), whatever the dtype
+  of ``params``: they are cast to its variable dtype (bfloat16 params into a
+  float32 layer exactly, float32 ones into a bfloat16 layer rounded). For
+  another policy, pass a ``keras_layer`` built with ``dtype=``.
+
   Returns:
     The Keras layer, holding ``params``.
 
