@@ -118,6 +118,7 @@ class FlashPath:
       raise common.UnsupportedCallError(
           "return_attention_scores=True needs the (B, N, T, S) scores, which "
           "flash kernels never materialise")
+    common.refuse_symbolic_shapes(q=req.q, k=req.k, v=req.v)
     forced = req.flash is True or forced_path() == self.name
     if _kernel_target(req.platform) is None and not forced:
       raise common.UnsupportedCallError(
@@ -148,6 +149,7 @@ class BlockwisePath:
       raise common.UnsupportedCallError(
           "return_attention_scores=True needs the (B, N, T, S) scores, which "
           "the blockwise path never materialises")
+    common.refuse_symbolic_shapes(q=req.q, k=req.k, v=req.v)
     p = req.prep.problem
     if forced_path() != self.name and max(p.T, p.S) < BLOCKWISE_MIN_LENGTH:
       raise common.UnsupportedCallError(

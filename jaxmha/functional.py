@@ -50,21 +50,26 @@ def _check_cfg(cfg) -> None:
                     f"{type(cfg).__name__}.")
 
 
+def _is_int(d) -> bool:
+  return isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+
+
 def _shape(name: str, shape) -> tuple:
+  """``shape`` as a tuple of ints and ``jax.export`` symbolic dims (always
+  positive), checked."""
   try:
     dims = tuple(shape)
   except TypeError:
     dims = None
-  if dims is None or not all(
-      isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-      for d in dims):
-    raise TypeError(f"`{name}` must be a shape (a tuple of ints); got "
-                    f"{shape!r}.")
-  shape = tuple(int(d) for d in dims)
+  if dims is None or not all(_is_int(d) or jax.export.is_symbolic_dim(d)
+                             for d in dims):
+    raise TypeError(f"`{name}` must be a shape (a tuple of ints, or "
+                    f"jax.export symbolic dims); got {shape!r}.")
+  shape = tuple(int(d) if _is_int(d) else d for d in dims)
   if len(shape) < 3:
     raise ValueError(f"`{name}` must have rank >= 3, (B, T, features) or "
                      f"(B, ..., features); got {name}={shape}.")
-  if any(d <= 0 for d in shape):
+  if any(_is_int(d) and d <= 0 for d in shape):
     raise ValueError(f"`{name}` has a non-positive dim: {name}={shape}.")
   return shape
 

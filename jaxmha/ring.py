@@ -674,6 +674,7 @@ class RingPath:
   name = "ring"
 
   def check(self, req) -> None:
+    common.refuse_symbolic_shapes(q=req.q, k=req.k, v=req.v)
     prep = req.prep
     p = prep.problem
     axis = req.context_parallel_axis

@@ -113,7 +113,9 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids: Any = None,
 
   Raises:
     ValueError, TypeError: bad arguments (named, with their shapes).
-    UnsupportedCallError: the chosen target cannot serve this call.
+    UnsupportedCallError: the chosen target cannot serve this call, or q, k
+      or v have ``jax.export`` symbolic dims (the layer's fused path takes
+      them).
 
   >>> import jax, jax.numpy as jnp
   >>> q = jax.random.normal(jax.random.key(0), (1, 16, 2, 32))
@@ -121,6 +123,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids: Any = None,
   >>> out.shape
   (1, 16, 2, 32)
   """
+  common.refuse_symbolic_shapes(q=q, k=k, v=v)
   common.check_qkv(q, k, v)  # named errors before the specs below
   explicit = partitioning.explicit_mesh(
       (q, k, v, segment_ids, kv_lengths, q_lengths, mask))

@@ -148,6 +148,18 @@ def is_real_scalar(x) -> bool:
           and jnp.issubdtype(dtype, jnp.number))  # bfloat16 included
 
 
+def refuse_symbolic_shapes(**arrays) -> None:
+  """Raises UnsupportedCallError when an array has ``jax.export`` symbolic
+  dims: the blockwise path, the kernels and the ring size their blocks,
+  steps and shards from the shapes. The fused XLA path takes them."""
+  symbolic = [f"{name}.shape={x.shape}" for name, x in arrays.items()
+              if any(jax.export.is_symbolic_dim(d) for d in x.shape)]
+  if symbolic:
+    raise UnsupportedCallError(
+        f"symbolic shapes ({', '.join(symbolic)}) need the fused XLA path, "
+        "whose program does not depend on the sizes")
+
+
 def in_common_dtype(q, k, v):
   """``(q, k, v)`` cast to their common dtype, in which the matmuls run
   (with float32 accumulation), not rounded to each operand's own."""

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType
 
 import jaxmha
+import pallas_kernels
 from tests.keras_reference import naive_mha
 from tests.tolerances import KERAS
 
@@ -514,6 +515,44 @@ def test_explain_takes_shapes_for_masks_and_apply_refuses_shapes():
       jaxmha.apply(params, cfg, q, v, **{name: bad})
   with pytest.raises(TypeError, match="`query` must be an array"):
     jaxmha.apply(params, cfg, shape(q), v)
+
+
+def test_symbolic_shapes_export_on_the_fused_path():
+  """jax.export with a symbolic batch and length: the fused path serves it
+  (the blockwise path and the kernels size blocks from the shapes, and say
+  so), with masks, dropout and GQA, forward and gradient."""
+  cfg = jaxmha.MHAConfig(num_heads=4, key_dim=8, num_key_value_heads=2,
+                         dropout=0.1)
+  cfg, params, q, _ = _setup(cfg, B=2, T=160, S=160)
+  value_mask = jnp.arange(160) < jnp.array([[150], [90]])  # (B, S)
+  rng = jax.random.key(7)
+
+  def loss(params, x, value_mask):
+    out = jaxmha.apply(params, cfg, x, x, value_mask=value_mask,
+                       use_causal_mask=True, training=True, dropout_rng=rng)
+    return jnp.sum(out ** 2)
+
+  b, t = jax.export.symbolic_shape("b, t")
+  x_spec = jax.ShapeDtypeStruct((b, t, q.shape[-1]), q.dtype)
+  mask_spec = jax.ShapeDtypeStruct((b, t), jnp.bool_)
+  how = jaxmha.explain(cfg, x_spec, x_spec, value_mask=mask_spec,
+                       use_causal_mask=True)
+  assert how.path == "xla", how
+  assert "symbolic shapes" in how.refusals["xla_blockwise"], how
+  fn = jax.value_and_grad(loss, argnums=(0, 1))
+  exported = jax.export.export(jax.jit(fn))(params, x_spec, mask_spec)
+  got = exported.call(params, q, value_mask)
+  want = jax.jit(fn)(params, q, value_mask)  # T=160: blockwise
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  flash = cfg.replace(flash_attention=True)
+  with pytest.raises(jaxmha.UnsupportedCallError, match="symbolic shapes"):
+    jax.export.export(jax.jit(
+        lambda p, x: jaxmha.apply(p, flash, x, x)))(params, x_spec)
+  qkv = jax.ShapeDtypeStruct((b, t, 2, 8), jnp.float32)
+  with pytest.raises(jaxmha.UnsupportedCallError, match="symbolic shapes"):
+    jax.export.export(jax.jit(lambda q: pallas_kernels.flash_attention(
+        q, q, q, backend="xla")))(qkv)
 
 
 def test_apply_with_projections_takes_apply_defaults():
