@@ -60,12 +60,18 @@ they are traced, so instead: writes past the end are dropped (nothing
 cached is overwritten), ``lengths`` stops at ``max_length``, and the
 returned cache's ``overflow (B,)`` flag is set for that example and stays
 set; the outputs of an overflowing example are then not those of full
-attention. Check ``cache.overflow`` on the host, or run the step under
-``jax.experimental.checkify.checkify`` (a ``checkify.debug_check`` inside
-fails there; so does one for traced ``new_lengths`` outside ``[0, t]``,
-which are otherwise clipped to it). Keep checkify's default
+attention. Check ``cache.overflow`` on the host, or make the cache with
+``init_cache(..., debug_checks=True)`` and run the step under
+``jax.experimental.checkify.checkify``: a ``checkify.debug_check`` fails
+there, as does one for traced ``new_lengths`` outside ``[0, t]``, which are
+otherwise clipped to it. Keep checkify's default
 ``errors=checkify.user_checks``: its ``index_checks`` flag the writes of
 padding tokens, which go deliberately out of range and are dropped.
+
+**Export.** A decode step goes through ``jax.export``, ``KVCache`` in its
+arguments and results included, with a symbolic batch size if wanted, and
+``Exported.serialize()`` writes it. Debug checks are off by default because
+the effects they leave in a program are what ``serialize()`` cannot write.
 
 The attention itself (:func:`cached_attention`) splits the cache into
 chunks of ``chunk_size`` keys; each chunk gives a partial ``(out, lse)``
@@ -120,6 +126,8 @@ class KVCache:
       token (positions ``j >= lengths[b]`` are free).
     overflow: ``(B,)`` bool, set (and kept) when a traced call tried to
       write past ``max_length`` for that example (see the module docs).
+    debug_checks: static; whether steps check a full cache and
+      ``new_lengths`` with ``checkify.debug_check`` (see the module docs).
 
   >>> cfg = MHAConfig(num_heads=4, key_dim=8, num_key_value_heads=2)
   >>> cache = init_cache(cfg, batch_size=2, max_length=16)
@@ -131,6 +139,9 @@ class KVCache:
   v: jax.Array
   lengths: jax.Array
   overflow: jax.Array
+  # Static (pytree metadata): a cache with checks traces a new program.
+  debug_checks: bool = dataclasses.field(default=False,
+                                         metadata=dict(static=True))
 
   @property
   def batch_size(self) -> int:
@@ -142,8 +153,16 @@ class KVCache:
     return self.k.shape[1]
 
 
+# jax.export serializes pytree types it is told about: the cache's only
+# metadata is the debug_checks flag.
+jax.export.register_pytree_node_serialization(
+    KVCache, serialized_name="jaxmha.decode.KVCache",
+    serialize_auxdata=lambda aux: bytes([bool(aux[0])]),
+    deserialize_auxdata=lambda data: (bool(data[0]),))
+
+
 def init_cache(cfg: MHAConfig, batch_size: int, max_length: int,
-               dtype=jnp.float32) -> KVCache:
+               dtype=jnp.float32, *, debug_checks: bool = False) -> KVCache:
   """An empty cache for a layer with configuration ``cfg``.
 
   Args:
@@ -151,6 +170,9 @@ def init_cache(cfg: MHAConfig, batch_size: int, max_length: int,
     batch_size: B.
     max_length: L, the most tokens each example can hold.
     dtype: the dtype keys and values are stored in.
+    debug_checks: steps on this cache (and the caches they return) check a
+      full cache and traced ``new_lengths`` with ``checkify.debug_check``,
+      which fail under ``checkify.checkify`` (see the module docs).
 
   Returns:
     A :class:`KVCache` with zero ``lengths``.
@@ -171,6 +193,7 @@ def init_cache(cfg: MHAConfig, batch_size: int, max_length: int,
     raise TypeError(f"`cfg` must be a jaxmha.MHAConfig{hint}; got "
                     f"{type(cfg).__name__}.")
   dtype = functional.float_dtype("dtype", dtype)
+  debug_checks = functional.static_flag("debug_checks", debug_checks)
   for name, value in (("batch_size", batch_size), ("max_length", max_length)):
     if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
         or value <= 0):
@@ -181,7 +204,8 @@ def init_cache(cfg: MHAConfig, batch_size: int, max_length: int,
   return KVCache(k=jnp.zeros((B, L, K, H), dtype),
                  v=jnp.zeros((B, L, K, Hv), dtype),
                  lengths=jnp.zeros((B,), jnp.int32),
-                 overflow=jnp.zeros((B,), jnp.bool_))
+                 overflow=jnp.zeros((B,), jnp.bool_),
+                 debug_checks=debug_checks)
 
 
 def _concrete(x) -> Optional[np.ndarray]:
@@ -254,10 +278,11 @@ def update_cache(cache: KVCache, k, v, new_lengths=None):
     if concrete is not None and ((concrete < 0) | (concrete > t)).any():
       raise ValueError(f"`new_lengths` must be in [0, t] with t={t} (the "
                        f"number of new tokens); got new_lengths={concrete}.")
-    checkify.debug_check(
-        jnp.all((n_new >= 0) & (n_new <= t)),
-        f"`new_lengths` must be in [0, t] with t={t}; got "
-        "new_lengths={new_lengths} (clipped to it).", new_lengths=n_new)
+    if cache.debug_checks:
+      checkify.debug_check(
+          jnp.all((n_new >= 0) & (n_new <= t)),
+          f"`new_lengths` must be in [0, t] with t={t}; got "
+          "new_lengths={new_lengths} (clipped to it).", new_lengths=n_new)
     n_new = jnp.clip(n_new.astype(jnp.int32), 0, t)
   lengths = cache.lengths
   total = lengths + n_new  # (B,)
@@ -272,11 +297,12 @@ def update_cache(cache: KVCache, k, v, new_lengths=None):
           f"call writes {int(np.asarray(n_new)[b])} more. Allocate a longer "
           "cache (jaxmha.init_cache(..., max_length=...)).")
   overflow = total > L  # (B,)
-  checkify.debug_check(
-      ~jnp.any(overflow),
-      f"The KV cache is full: a write past max_length={L} was dropped "
-      "(lengths={lengths}, new_lengths={n_new}).", lengths=lengths,
-      n_new=n_new)
+  if cache.debug_checks:
+    checkify.debug_check(
+        ~jnp.any(overflow),
+        f"The KV cache is full: a write past max_length={L} was dropped "
+        "(lengths={lengths}, new_lengths={n_new}).", lengths=lengths,
+        n_new=n_new)
   q_positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)  # (B, t)
   written = jnp.arange(t)[None, :] < n_new[:, None]  # (B, t)
   # Out-of-range rows (padding, or past the end) go to index L, which
@@ -287,7 +313,8 @@ def update_cache(cache: KVCache, k, v, new_lengths=None):
   new_v = cache.v.at[batch, rows].set(v.astype(cache.v.dtype), mode="drop")
   new_cache = KVCache(k=new_k, v=new_v,
                       lengths=jnp.minimum(total, L).astype(jnp.int32),
-                      overflow=cache.overflow | overflow)
+                      overflow=cache.overflow | overflow,
+                      debug_checks=cache.debug_checks)
   return new_cache, q_positions, n_new
 
 

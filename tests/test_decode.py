@@ -9,6 +9,7 @@ capacity, N query heads, K key/value heads, H head dim, D features.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -267,11 +268,16 @@ def test_full_cache_under_jit_sets_overflow_and_never_overwrites():
   _, cache = step(cache, x[:, 5:7])
   np.testing.assert_array_equal(cache.overflow, [True, True, True])  # sticky
   np.testing.assert_array_equal(cache.lengths, [4, 4, 4])
-  # Under checkify the same overflow is an error.
+  # Without debug checks (the default), checkify sees no error; with them
+  # the same overflow is one.
   checked = checkify.checkify(step)
   err, _ = checked(before, x[:, 3:5])
+  err.throw()
+  checking = dataclasses.replace(before, debug_checks=True)
+  err, (_, after) = checked(checking, x[:, 3:5])
   with pytest.raises(checkify.JaxRuntimeError, match="KV cache is full"):
     err.throw()
+  assert after.debug_checks  # the returned cache keeps checking
 
 
 def test_traced_new_lengths_out_of_range_fail_under_checkify():
@@ -282,7 +288,8 @@ def test_traced_new_lengths_out_of_range_fail_under_checkify():
   step = jax.jit(checkify.checkify(
       lambda c, n: jaxmha.apply(params, cfg, x[:, :3], x[:, :3], cache=c,
                                 new_lengths=n)))
-  cache = jaxmha.init_cache(cfg, batch_size=3, max_length=8)
+  cache = jaxmha.init_cache(cfg, batch_size=3, max_length=8,
+                            debug_checks=True)
   err, (_, valid) = step(cache, jnp.array([3, 1, 0]))
   err.throw()
   np.testing.assert_array_equal(valid.lengths, [3, 1, 0])
@@ -291,6 +298,37 @@ def test_traced_new_lengths_out_of_range_fail_under_checkify():
                      match=r"`new_lengths` must be in \[0, t\] with t=3"):
     err.throw()
   np.testing.assert_array_equal(clipped.lengths, [3, 0, 2])
+
+
+def test_a_decode_step_exports_and_serializes_with_a_symbolic_batch():
+  """jax.export of a jitted step: KVCache round-trips through serialize()
+  (default: no debug checks, whose effects it cannot write), the batch may
+  be symbolic, and the deserialized step decodes as full causal attention."""
+  cfg = CONFIGS["gqa"]
+  params, x, _ = _model(cfg)
+  B, T, D = x.shape
+  step = jax.jit(lambda p, c, xt: jaxmha.apply(p, cfg, xt, xt, cache=c),
+                 donate_argnums=1)
+  b, = jax.export.symbolic_shape("b")
+  spec = lambda a: jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype)
+  cache = jaxmha.init_cache(cfg, batch_size=B, max_length=T)
+  exported = jax.export.export(step)(
+      params, jax.tree.map(spec, cache), spec(x[:, :1]))
+  assert not exported.unordered_effects and not exported.ordered_effects
+  served = jax.export.deserialize(exported.serialize())
+  outs = []
+  for i in range(T):
+    out, cache = served.call(params, cache, x[:, i:i + 1])
+    outs.append(out)
+  assert isinstance(cache, jaxmha.decode.KVCache) and not cache.debug_checks
+  want = jaxmha.apply(params, cfg, x, x, use_causal_mask=True)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, atol=2e-5,
+                             rtol=2e-5)
+  # With debug checks, the program holds checkify's effects.
+  checking = jaxmha.init_cache(cfg, batch_size=B, max_length=T,
+                               debug_checks=True)
+  assert jax.export.export(step)(params, checking,
+                                 x[:, :1]).unordered_effects
 
 
 # -- errors --------------------------------------------------------------------
