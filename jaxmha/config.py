@@ -123,10 +123,12 @@ class MHAConfig:
     flash_attention: None (use a kernel where the backend has one and the
       call allows it), True (force; a clear error where impossible), False
       (never).
-    kernel_initializer: Keras name or a JAX initializer ``(rng, shape,
-      dtype)``. Names draw with a built Keras layer's fans
+    kernel_initializer: Keras name, Keras initializer object or a JAX
+      initializer ``(rng, shape, dtype)``. Names and the Keras classes
+      jaxmha knows draw from the given key with a built Keras layer's fans
       (:mod:`jaxmha.initializers`); callables draw as they are.
-    bias_initializer: Keras name or a JAX initializer.
+    bias_initializer: Keras name, Keras initializer object or a JAX
+      initializer.
     num_key_value_heads: K, key/value heads for grouped-query attention
       (``num_heads % num_key_value_heads == 0``); default ``num_heads``.
     context_parallel_axis: a mesh axis name: the sequence is split over it
@@ -204,7 +206,7 @@ class MHAConfig:
             f"(rng, shape, dtype). Received: {name}={value!r}")
       from jaxmha import initializers  # pylint: disable=g-import-not-at-top
       # Raises ValueError for unknown names.
-      object.__setattr__(self, name, initializers.canonical(value))
+      object.__setattr__(self, name, initializers.canonical(value, name))
     # Canonical forms, so equal configs hash equal.
     for name in ("num_heads", "key_dim", "value_dim", "sliding_window",
                  "num_key_value_heads"):

@@ -225,13 +225,46 @@ def _canonical_name(identifier: str) -> str:
   return name
 
 
-def canonical(identifier):
+def canonical(identifier, name: str = "initializer"):
   """The form a config keeps: a name as Keras's snake-case class name
   (``"GlorotUniform"`` and ``"glorot_uniform"`` are one initializer, as
-  are the aliases ``"normal"`` and ``"random_normal"``); anything else as
-  given."""
-  return _canonical_name(identifier) if isinstance(identifier, str) else (
-      identifier)
+  are the aliases ``"normal"`` and ``"random_normal"``); a Keras
+  initializer object as :func:`from_keras_object` gives it (``name`` is
+  the argument it came in); any other callable as given."""
+  if isinstance(identifier, str):
+    return _canonical_name(identifier)
+  if is_keras_object(identifier):
+    return from_keras_object(name, identifier)
+  return identifier
+
+
+def is_keras_object(value) -> bool:
+  """Whether ``value`` is a Keras initializer object (Keras not imported)."""
+  return (type(value).__module__.split(".")[0] == "keras"
+          and callable(getattr(value, "get_config", None)))
+
+
+def from_keras_object(name: str, initializer):
+  """A Keras initializer object -> jaxmha's form: a name (Keras's default
+  arguments), a :class:`KerasInitializer` (a class jaxmha knows, other
+  arguments), or, for a class jaxmha does not know, a callable that calls
+  it. ``name`` is the argument it came in, for errors."""
+  config = dict(initializer.get_config())
+  if "gain" not in config and hasattr(initializer, "gain"):
+    config["gain"] = initializer.gain  # Identity's, not in its get_config
+  try:
+    return from_keras(name, type(initializer).__name__, config)
+  except ValueError:
+    pass
+
+  # Keep an unknown class's draws exactly. Keras draws from its own seed,
+  # so `rng` is unused: every kernel re-initialised from the cfg is the
+  # same draw.
+  def init(rng, shape, dtype=jnp.float32):
+    del rng
+    return jnp.asarray(initializer(shape), dtype)
+  init.keras_initializer = initializer  # to_keras hands it back to Keras
+  return init
 
 
 def from_keras(name: str, class_name: str, config: dict):
@@ -282,7 +315,8 @@ def names() -> tuple[str, ...]:
 
 def get(identifier) -> InitializerFn:
   """The JAX initializer for a Keras name (``"glorot_uniform"``,
-  ``"GlorotUniform"``) or a callable ``(rng, shape, dtype)``.
+  ``"GlorotUniform"``), a Keras initializer object (see
+  :func:`from_keras_object`) or a callable ``(rng, shape, dtype)``.
 
   Raises:
     ValueError: an unknown name (the message lists the known ones).
@@ -292,6 +326,8 @@ def get(identifier) -> InitializerFn:
   >>> init(jax.random.key(0), (16, 4, 8), jnp.float32).shape
   (16, 4, 8)
   """
+  if is_keras_object(identifier):
+    return from_keras_object("initializer", identifier)
   if callable(identifier):
     return identifier
   if not isinstance(identifier, str):

@@ -38,29 +38,6 @@ def _sublayer(layer, name: str):
   return getattr(layer, attr, None)
 
 
-def _initializer_name(name: str, initializer) -> Any:
-  """A Keras initializer object -> jaxmha's form: a name (Keras's defaults),
-  an ``initializers.KerasInitializer`` (a class jaxmha knows, other
-  arguments), or, for a class jaxmha does not know, a callable that calls
-  it."""
-  config = dict(initializer.get_config())
-  if isinstance(initializer, _keras().initializers.Identity):
-    config["gain"] = initializer.gain  # not in Keras's get_config
-  try:
-    return initializers.from_keras(name, type(initializer).__name__, config)
-  except ValueError:
-    pass
-
-  # Keep an unknown class's draws exactly. Keras draws from its own seed,
-  # so `rng` is unused: every kernel re-initialised from the cfg is the
-  # same draw.
-  def init(rng, shape, dtype=jnp.float32):
-    del rng
-    return jnp.asarray(initializer(shape), dtype)
-  init.keras_initializer = initializer  # to_keras hands it back to Keras
-  return init
-
-
 def _keras_initializer(init) -> Any:
   """A cfg initializer -> what a Keras layer takes. A jaxmha callable that
   did not come from Keras has no Keras form; Keras's default stands in (the
@@ -108,9 +85,9 @@ def config_from_keras(layer) -> MHAConfig:
         use_gate=keras_cfg.get("use_gate", False),
         flash_attention=_flash_attention(layer),
         num_key_value_heads=keras_cfg["num_key_value_heads"],
-        kernel_initializer=_initializer_name("kernel_initializer",
+        kernel_initializer=initializers.from_keras_object("kernel_initializer",
                                               layer.kernel_initializer),
-        bias_initializer=_initializer_name("bias_initializer",
+        bias_initializer=initializers.from_keras_object("bias_initializer",
                                             layer.bias_initializer))
   # Keras stores value_dim=key_dim and, once built, the default attention
   # axes spelled out; jaxmha's canonical form of both is None, so that a
@@ -133,9 +110,9 @@ def config_from_keras(layer) -> MHAConfig:
       sliding_window=keras_cfg.get("sliding_window"),
       use_gate=keras_cfg.get("use_gate", False),
       flash_attention=_flash_attention(layer),
-      kernel_initializer=_initializer_name("kernel_initializer",
+      kernel_initializer=initializers.from_keras_object("kernel_initializer",
                                             layer._kernel_initializer),
-      bias_initializer=_initializer_name("bias_initializer",
+      bias_initializer=initializers.from_keras_object("bias_initializer",
                                           layer._bias_initializer),
       num_key_value_heads=None)
 

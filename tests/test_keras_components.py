@@ -126,6 +126,38 @@ def test_keras_initializers_with_arguments_draw_from_the_rng():
   assert keras_layer._bias_initializer.get_config()["stddev"] == 0.3
 
 
+def test_keras_initializer_objects_in_constructors_draw_from_the_rng():
+  """A Keras initializer object given to MHAConfig or a module constructor,
+  as to Keras's, comes in as from_keras brings it: drawn from the key, as
+  its jaxmha form draws."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  objects = dict(kernel_initializer=keras.initializers.HeNormal(seed=1),
+                 bias_initializer=keras.initializers.RandomNormal(stddev=0.3))
+  forms = dict(kernel_initializer="he_normal",
+               bias_initializer=initializers.KerasInitializer(
+                   "random_normal", {"stddev": 0.3}))
+  x = jnp.ones((1, 4, 16))
+  builds = {
+      "functional": lambda kw, seed: jaxmha.init_params(
+          jax.random.key(seed), jaxmha.MHAConfig(num_heads=2, key_dim=8, **kw),
+          x.shape, x.shape),
+      "linen": lambda kw, seed: jaxmha.MultiHeadAttention(
+          num_heads=2, key_dim=8, **kw).init(jax.random.key(seed), x,
+                                             x)["params"],
+      "nnx": lambda kw, seed: jaxmha.nnx.MultiHeadAttention(
+          num_heads=2, key_dim=8, **kw, query_features=16,
+          rngs=nnx.Rngs(seed)).params(),
+  }
+  assert jaxmha.MHAConfig(num_heads=2, key_dim=8, **objects) == (
+      jaxmha.MHAConfig(num_heads=2, key_dim=8, **forms))
+  for name, build in builds.items():
+    got = build(objects, 0)
+    jax.tree.map(np.testing.assert_array_equal, got, build(forms, 0))
+    assert not np.allclose(got["query"]["kernel"],
+                           build(objects, 1)["query"]["kernel"]), name
+    np.testing.assert_allclose(np.std(got["query"]["bias"]), 0.3, rtol=0.5)
+
+
 def test_keras_initializer_arguments_are_checked():
   with pytest.raises(ValueError, match="mode"):
     initializers.KerasInitializer("variance_scaling", {"mode": "fan_sum"})
