@@ -192,8 +192,8 @@ class MultiHeadAttention(nn.Module):
   def _params(self, cfg, query, value, key) -> dict:
     shapes = functional.param_shapes(cfg, query.shape, value.shape,
                                      key.shape)
-    kernel_init = initializers.get(self.kernel_initializer)
-    bias_init = initializers.get(self.bias_initializer)
+    kernel_init = initializers.get(cfg.kernel_initializer)
+    bias_init = initializers.get(cfg.bias_initializer)
     kreg = regularizers.get_regularizer(self.kernel_regularizer)
     breg = regularizers.get_regularizer(self.bias_regularizer)
     return {
@@ -250,6 +250,8 @@ class MultiHeadAttention(nn.Module):
                use_causal_mask: bool = False, training: bool = False,
                return_attention_scores: bool = False, cache=None,
                new_lengths=None):
+    # Named errors for traced flags (e.g. nn.remat traces call arguments).
+    training = functional.static_flag("training", training)
     cfg = self.config
     if self.is_initializing() and cfg.context_parallel_axis is not None:
       # init needs the shapes alone: it attends unsplit, needing no mesh.

@@ -194,6 +194,11 @@ def test_linen_dropout_rng_stream_and_missing_key():
   assert not np.allclose(run(jax.random.key(3)), run(jax.random.key(4)))
   with pytest.raises(ValueError, match="dropout"):
     layer.apply(variables, x, x, training=True)
+  # A traced `training` (jit without static_argnames, or nn.remat of the
+  # layer, which traces call arguments) is a named error.
+  with pytest.raises(TypeError, match="`training` must be a Python bool"):
+    jax.jit(lambda t: layer.apply(variables, x, x, training=t,
+                                  rngs={"dropout": jax.random.key(3)}))(True)
 
 
 def test_linen_seed_layer_runs_inference_on_params_alone():
