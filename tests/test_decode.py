@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ import jaxmha
 from jaxmha import decode
 from pallas_kernels import masks as kernel_masks
 from pallas_kernels import reference
+from tests.multidevice import harness
 from tests.tolerances import FORWARD, assert_close
 
 D = 12
@@ -329,6 +332,18 @@ def test_a_decode_step_exports_and_serializes_with_a_symbolic_batch():
                                debug_checks=True)
   assert jax.export.export(step)(params, checking,
                                  x[:, :1]).unordered_effects
+
+
+def test_example_generates_the_same_tokens_with_and_without_a_cache():
+  """examples/generate_with_cache.py, briefly trained: it exits non-zero
+  when cached and uncached generation disagree."""
+  result = subprocess.run(
+      [sys.executable, "-W", "error", "examples/generate_with_cache.py",
+       "--train-steps", "5", "--new-tokens", "8"], cwd=harness.REPO,
+      env=harness.env(devices=1), capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+  assert "identical tokens with and without the cache: True" in result.stdout
 
 
 # -- errors --------------------------------------------------------------------
