@@ -94,7 +94,8 @@ def attention_core(q, k, v, prep: common.Prepared, *, q_offset=0,
                      v.astype(jnp.float32), precision=precision)
   out = out.reshape(B, T, N, p_.Hv)
   norm = jnp.swapaxes(l * (1.0 - prep.dropout_rate), 1, 2)  # (B, T, N, 1)
-  # `where`, not a product with 0: an empty row's sum may be NaN.
+  # `where`, not a product with 0: an empty row's product with v may hold
+  # NaN (garbage in masked keys' values).
   out = jnp.where(jnp.swapaxes(nonempty, 1, 2), out / norm,
                   0.0).astype(q.dtype)
   if return_probs:
