@@ -52,14 +52,15 @@ def is_flash_attention_enabled() -> Optional[bool]:
   return _FLASH_ATTENTION_GLOBAL
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
+  """A Python or NumPy integer, not a bool."""
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _check_positive_int(name: str, value, allow_none: bool = False):
   if value is None and allow_none:
     return
-  if not _is_int(value) or value <= 0:
+  if not is_int(value) or value <= 0:
     suffix = " or `None`" if allow_none else ""
     raise ValueError(
         f"Received an invalid value for argument `{name}`, expected a "
@@ -70,7 +71,7 @@ def _normalize_output_shape(output_shape):
   if output_shape is None:
     return None
   original = output_shape
-  if _is_int(output_shape):
+  if is_int(output_shape):
     output_shape = (int(output_shape),)
   try:
     output_shape = tuple(output_shape)
@@ -78,7 +79,7 @@ def _normalize_output_shape(output_shape):
     raise ValueError(
         f"Invalid `output_shape`: {output_shape!r}. When specified, the "
         "`output_shape` should be of type tuple, list, or int.") from None
-  if not output_shape or any(not _is_int(d) or d <= 0 for d in output_shape):
+  if not output_shape or any(not is_int(d) or d <= 0 for d in output_shape):
     raise ValueError(
         "`output_shape` must be None, a positive int or a non-empty tuple of "
         f"positive ints. Received: output_shape={original!r}")
@@ -88,10 +89,10 @@ def _normalize_output_shape(output_shape):
 def _normalize_attention_axes(attention_axes):
   if attention_axes is None:
     return None
-  if _is_int(attention_axes):
+  if is_int(attention_axes):
     attention_axes = (attention_axes,)
   if not isinstance(attention_axes, (list, tuple)) or not attention_axes or any(
-      not _is_int(a) for a in attention_axes):
+      not is_int(a) for a in attention_axes):
     raise ValueError(
         "`attention_axes` must be an int, list, or tuple of ints. "
         f"Received: attention_axes={attention_axes!r}")
@@ -178,7 +179,7 @@ class MHAConfig:
       raise TypeError(f"`use_gate` must be a bool. Received: "
                       f"use_gate={self.use_gate!r}")
     if self.sliding_window is not None and (
-        not _is_int(self.sliding_window) or self.sliding_window <= 0):
+        not is_int(self.sliding_window) or self.sliding_window <= 0):
       raise ValueError(
           "`sliding_window` must be `None` or a positive integer. "
           f"Received: sliding_window={self.sliding_window!r}")

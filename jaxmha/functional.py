@@ -29,14 +29,13 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxmha import dispatch
 from jaxmha import equations
 from jaxmha import initializers
 from jaxmha import masks as masks_lib
 from jaxmha import ring
-from jaxmha.config import MHAConfig
+from jaxmha.config import MHAConfig, is_int
 from pallas_kernels import common
 from pallas_kernels import dropout as dropout_lib
 from pallas_kernels import partitioning
@@ -50,10 +49,6 @@ def _check_cfg(cfg) -> None:
                     f"{type(cfg).__name__}.")
 
 
-def _is_int(d) -> bool:
-  return isinstance(d, (int, np.integer)) and not isinstance(d, bool)
-
-
 def _shape(name: str, shape) -> tuple:
   """``shape`` as a tuple of ints and ``jax.export`` symbolic dims (always
   positive), checked."""
@@ -61,15 +56,15 @@ def _shape(name: str, shape) -> tuple:
     dims = tuple(shape)
   except TypeError:
     dims = None
-  if dims is None or not all(_is_int(d) or jax.export.is_symbolic_dim(d)
+  if dims is None or not all(is_int(d) or jax.export.is_symbolic_dim(d)
                              for d in dims):
     raise TypeError(f"`{name}` must be a shape (a tuple of ints, or "
                     f"jax.export symbolic dims); got {shape!r}.")
-  shape = tuple(int(d) if _is_int(d) else d for d in dims)
+  shape = tuple(int(d) if is_int(d) else d for d in dims)
   if len(shape) < 3:
     raise ValueError(f"`{name}` must have rank >= 3, (B, T, features) or "
                      f"(B, ..., features); got {name}={shape}.")
-  if any(_is_int(d) and d <= 0 for d in shape):
+  if any(is_int(d) and d <= 0 for d in shape):
     raise ValueError(f"`{name}` has a non-positive dim: {name}={shape}.")
   return shape
 
