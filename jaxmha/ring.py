@@ -68,6 +68,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import pallas_kernels
 from pallas_kernels import api as kernel_api
 from pallas_kernels import common
+from pallas_kernels import higher_order
 from pallas_kernels import masks as kernel_masks
 from pallas_kernels import partitioning
 
@@ -168,6 +169,9 @@ class _Ring:
   backend: str
   interpret: bool
   block_sizes: Any
+  # Blocks through the reference: the ring whose derivatives are those of
+  # the rules that run the kernels (`pallas_kernels.higher_order`).
+  by_reference: bool = False
 
 
 def _vary(x, *like):
@@ -200,6 +204,10 @@ def _rotate(st: _Ring, tree):
 def _attend(st: _Ring, q, k, v, q_ids, kv_ids, causal: bool):
   """One block pair through the kernel: ``(out (B, Tq, N, Hv), lse)``."""
   seg = None if q_ids is None else (q_ids, kv_ids)
+  if st.by_reference:
+    return pallas_kernels.reference.attention(
+        q, k, v, causal=causal, segment_ids=seg, scale=st.scale,
+        return_lse=True)
   return pallas_kernels.flash_attention(
       q, k, v, causal=causal, segment_ids=seg, scale=st.scale,
       block_sizes=st.block_sizes, backend=st.backend,
@@ -397,16 +405,24 @@ def _ring(st: _Ring, q, k, v, q_ids, kv_ids):
   return out.astype(q.dtype), lse
 
 
+# The rules' own derivatives (second derivatives of the attention) are those
+# of the same ring with the reference's blocks, which JAX differentiates.
+def _differentiable(st: _Ring, ring_pass):
+  return higher_order.differentiated_as(
+      functools.partial(ring_pass, dataclasses.replace(st, by_reference=True)),
+      functools.partial(ring_pass, st))
+
+
 def _ring_fwd(st, q, k, v, q_ids, kv_ids):
-  out, lse = _ring_forward(st, q, k, v, q_ids, kv_ids)
+  out, lse = _differentiable(st, _ring_forward)(q, k, v, q_ids, kv_ids)
   return (out.astype(q.dtype), lse), (q, k, v, q_ids, kv_ids, out, lse)
 
 
 def _ring_bwd(st, residuals, cotangents):
   q, k, v, q_ids, kv_ids, out, lse = residuals
   d_out, d_lse = cotangents
-  dq, dk, dv = _ring_backward(st, q, k, v, q_ids, kv_ids, out, lse, d_out,
-                              d_lse)
+  dq, dk, dv = _differentiable(st, _ring_backward)(
+      q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 

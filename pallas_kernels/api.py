@@ -5,7 +5,7 @@ K key/value heads, H head dim, Hv value head dim.
 
 Targets, each a module with the same contract (``attention(q, k, v, prep, *,
 block_sizes, interpret) -> (out, lse)``, differentiable through
-``jax.custom_vjp``):
+``jax.custom_vjp``, and twice through :mod:`pallas_kernels.higher_order`):
 
 * ``"tpu"``: Mosaic TPU kernels (:mod:`pallas_kernels.tpu`);
 * ``"gpu"``: Triton-lowered GPU kernels (:mod:`pallas_kernels.gpu_triton`);

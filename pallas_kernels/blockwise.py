@@ -58,7 +58,9 @@ from jax import lax
 
 from pallas_kernels import common
 from pallas_kernels import dropout as dropout_lib
+from pallas_kernels import higher_order
 from pallas_kernels import masks as masks_lib
+from pallas_kernels import reference
 
 _F32 = jnp.float32
 
@@ -1376,16 +1378,29 @@ def _run_forward(st: _Static, q, k, v, data, seeds):
     row-layout inputs ``(q_all, k_all, v_all)`` that the backward reuses.
   """
   p = st.plan
-  Tr, Sr = _padded_lengths(st)
-  q_all = _prescale(st, _rows(q, st.K, Tr))  # (steps*B*K, Tr*G, H)
-  # (steps*B*K, Sr, H | Hv)
-  k_all, v_all = (_rows(x, st.K, Sr) for x in (k, v))
+  laid_out = _lay_out(st, q, k, v)
   out, lse = _over_steps(
       st, lambda rows, blocks, seeds: _forward(st, *rows, blocks, seeds),
-      (q_all, k_all, v_all), data, seeds)
+      laid_out, data, seeds)
   return (_q_from_blocks(out, p.T, st.K, st.G),
-          _row_values_from_blocks(lse, p.T, st.K, st.G),
-          (q_all, k_all, v_all))
+          _row_values_from_blocks(lse, p.T, st.K, st.G), laid_out)
+
+
+def _lay_out(st: _Static, q, k, v):
+  """``(q_all (B*K, Tr*G, H), k_all (B*K, Sr, H), v_all (B*K, Sr, Hv))``:
+  the row layout both passes share, q prescaled (:func:`_prescale`)."""
+  Tr, Sr = _padded_lengths(st)
+  return (_prescale(st, _rows(q, st.K, Tr)),
+          *(_rows(x, st.K, Sr) for x in (k, v)))
+
+
+def _from_layout(st: _Static, laid_out):
+  """:func:`_lay_out`'s inverse, but for q's prescale: ``(q (B, T, N, H)``
+  prescaled, ``k (B, S, K, H)``, ``v (B, S, K, Hv))``."""
+  q_all, k_all, v_all = laid_out
+  return (_q_from_blocks(q_all[None, None], st.plan.T, st.K, st.G),
+          *(_kv_from_blocks(x[None, None], st.plan.S, st.K)
+            for x in (k_all, v_all)))
 
 
 def _folding_vmap(fn, batch: int):
@@ -1451,8 +1466,41 @@ def _attention(st: _Static, q, k, v, data, seeds):
   return _forward_rows(st, q, k, v, data, seeds)[:2]
 
 
+def _reference_prep(st: _Static, q, k, v, data, seeds,
+                    scale: float) -> common.Prepared:
+  # Seeds are those of the whole batch here: `examples` is its arange.
+  return higher_order.prepared(q, k, v, st.spec, data, scale,
+                               st.dropout_rate,
+                               None if seeds is None else seeds.words)
+
+
+def _reference_forward(st: _Static, q, k, v, data, seeds):
+  """:func:`_forward_rows` by the reference: ``out`` float32, ``lse`` and
+  the row layout."""
+  prep = _reference_prep(st, q, k, v, data, seeds, st.scale)
+  out, lse = reference.attention_core(q, k, v, prep)
+  return out, lse, _lay_out(st, q, k, v)
+
+
+def _reference_backward(st: _Static, arrays, data, seeds):
+  """:func:`_run_backward` by the reference, from the row layout."""
+  laid_out, (out, lse, d_out, d_lse) = arrays[:3], arrays[3:]
+  del out, lse  # the reference recomputes them
+  q, k, v = _from_layout(st, laid_out)
+  # The layout's q holds the scale but for `_logit_scale`'s part.
+  logit_scale = _logit_scale(st, q.dtype)
+  prep = _reference_prep(st, q, k, v, data, seeds, logit_scale)
+  dq, dk, dv = higher_order.reference_grads(q, k, v, prep, d_out, d_lse)
+  return dq * (st.scale / logit_scale), dk, dv
+
+
+# The rules run blocks in loops with traced bounds, which JAX cannot
+# differentiate in reverse mode; their own derivatives (second derivatives
+# of the attention) are the reference's (`higher_order`).
 def _attention_fwd(st, q, k, v, data, seeds):
-  out, lse, laid_out = _forward_rows(st, q, k, v, data, seeds)
+  out, lse, laid_out = higher_order.differentiated_as(
+      functools.partial(_reference_forward, st),
+      functools.partial(_forward_rows, st))(q, k, v, data, seeds)
   # The backward reuses the forward's row layout of q, k and v rather than
   # laying them out again; out is only needed for D = rowsum(dO * O), taken
   # in its own layout.
@@ -1495,8 +1543,10 @@ def _attention_bwd(st, residuals, cotangents):
   laid_out, data, seeds, out, lse = residuals
   sb = dataclasses.replace(st, plan=st.bwd_plan)
   run = lambda arrays, data, seeds: _run_backward(sb, arrays, data, seeds)
-  dq, dk, dv = _folding_vmap(run, out.shape[0])(
-      (*laid_out, out, lse, *cotangents), data, seeds)
+  dq, dk, dv = higher_order.differentiated_as(
+      functools.partial(_reference_backward, st),
+      _folding_vmap(run, out.shape[0]))(
+          (*laid_out, out, lse, *cotangents), data, seeds)
   q_all, k_all, v_all = laid_out
   # Integer and boolean inputs (masks, seeds) get no cotangent.
   return (dq.astype(q_all.dtype), dk.astype(k_all.dtype),

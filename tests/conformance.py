@@ -144,6 +144,9 @@ class AttentionConformance:
       dtypes=("float32", "bfloat16"), dropouts=(0.0, 0.25))
   DROPOUT_CASES: tuple[Case, ...] = diagonal_cases(
       masks=("none", "causal", "all"), dropouts=(0.3,))
+  # test_second_derivatives's shape (the paths run their kernels for the
+  # values; the reference gives the derivatives).
+  SECOND_ORDER_SHAPE = AttentionShape(B=2, T=21, S=35, N=4, K=2, H=16, Hv=8)
   # Whether the path returns a usable, differentiable LSE.
   SUPPORTS_LSE = True
 
@@ -222,6 +225,36 @@ class AttentionConformance:
       # dk and dv are rounded to their inputs' dtypes.
       assert_close(g, r, GRAD, "float32" if name == "dq" else str(x.dtype),
                    name)
+
+  def test_second_derivatives(self):
+    """``jax.grad`` of ``jax.grad`` (a gradient penalty) and ``jax.jvp`` of
+    ``jax.grad`` (a Hessian-vector product) equal the reference's, with
+    every mask kind, empty rows, dropout and GQA."""
+    q, k, v, kw = make_inputs(
+        Case(self.SECOND_ORDER_SHAPE, "all", dropout=0.25), seed=4)
+    tangents = tuple(jax.random.normal(key, x.shape) for key, x in
+                     zip(jax.random.split(jax.random.key(8), 3), (q, k, v)))
+
+    def loss(fn, q, k, v):
+      if not self.SUPPORTS_LSE:
+        return jnp.sum(jnp.sin(fn(q, k, v, **kw)))
+      out, lse = fn(q, k, v, return_lse=True, **kw)
+      lse = jnp.where(lse > masks_lib.EMPTY_ROW_LSE / 2, lse, 0.0)
+      return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(lse))
+
+    def second_derivatives(fn):
+      grad = jax.grad(functools.partial(loss, fn), (0, 1, 2))
+      penalty = lambda q, k, v: sum(jnp.sum(g**2) for g in grad(q, k, v))
+      return jax.jit(lambda q, k, v: (
+          jax.grad(penalty, (0, 1, 2))(q, k, v),
+          jax.jvp(grad, (q, k, v), tangents)[1]))(q, k, v)
+
+    got = second_derivatives(self.attention)
+    want = second_derivatives(reference_attention)
+    for kind, g, r in zip(("grad of grad", "jvp of grad"), got, want):
+      for name, x, y in zip(("q", "k", "v"), g, r):
+        assert bool(jnp.all(jnp.isfinite(x))), (kind, name)
+        assert_close(x, y, GRAD, "float32", f"{kind}, d{name}")
 
   # -- the empty-row rule ----------------------------------------------------
 

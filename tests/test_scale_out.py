@@ -306,6 +306,7 @@ def _run(module: str, *checks: str, timeout: float = 900):
 MULTIDEVICE = {
     "ring": ("ring_checks", (
         "ring_matches_reference", "ring_with_gpu_kernel_in_interpret_mode",
+        "ring_second_derivatives",
         "layer_config_under_a_mesh_matches_single_device",
         "layer_config_with_explicit_mesh_axes",
         "layer_errors_name_the_numbers")),

@@ -105,6 +105,8 @@ class TestTpuKernelInterpret(AttentionConformance):
   # test_forward checks dropout bits in five more cases.
   DROPOUT_CASES = diagonal_cases((CONFORMANCE[1],), masks=("all",),
                                  dropouts=(0.3,))
+  # One query block per kernel: the interpreter's grid steps dominate.
+  SECOND_ORDER_SHAPE = AttentionShape(B=2, T=8, S=35, N=4, K=2, H=16, Hv=8)
 
   @pytest.fixture(autouse=True)
   def _tpu_interpreter(self, capfd):

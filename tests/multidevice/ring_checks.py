@@ -6,7 +6,8 @@ heads, K key/value heads, H head dim, P devices on the ring axis.
 Forward (output and log-sum-exp) and gradients (dq, dk, dv, through both)
 against :func:`pallas_kernels.reference.attention` on the whole sequence,
 for causal and full attention, both layouts, segment ids (with rows that
-attend nothing), GQA, cross-attention, fp32 and bf16; then the layer's path
+attend nothing), GQA, cross-attention, fp32 and bf16; second derivatives
+(grad of grad, jvp of grad) through the ring; then the layer's path
 (``MHAConfig(context_parallel_axis=...)`` and ``jaxmha.context_parallel``)
 against the single-device layer.
 
@@ -95,9 +96,9 @@ def _block_sizes(c: RingCase):
   return None
 
 
-def run_ring_case(c: RingCase) -> None:
-  """Ring vs. reference: output, LSE and their gradients."""
-  q, k, v, ids, d_out, d_lse = _inputs(c)
+def _ring_on_whole_sequences(c: RingCase, ids):
+  """The ring over ``c.P`` devices as a function of whole-sequence ``q, k,
+  v`` (in order, whatever the layout), returning ``(out, lse)``."""
   mesh = seq_mesh(c.P)
   zig = c.layout == "zigzag"
   to = (lambda x, axis=1: jaxmha.ring.to_zigzag(x, c.P, axis)) if zig else (
@@ -124,6 +125,14 @@ def run_ring_case(c: RingCase) -> None:
     out, lse = sharded(to(q), to(k), to(v), jax.tree.map(to, ids))
     return back(out), back(lse, 2)
 
+  return ring_global
+
+
+def run_ring_case(c: RingCase) -> None:
+  """Ring vs. reference: output, LSE and their gradients."""
+  q, k, v, ids, d_out, d_lse = _inputs(c)
+  ring_global = _ring_on_whole_sequences(c, ids)
+
   def reference(q, k, v):
     return pallas_kernels.reference.attention(
         q, k, v, causal=c.causal, segment_ids=ids, return_lse=True)
@@ -145,6 +154,39 @@ def run_ring_case(c: RingCase) -> None:
   for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
     assert g.dtype == jnp.dtype(c.dtype), (name, g.dtype)
     assert_close(g, r, GRAD, c.dtype, err_msg=f"{c.id}: {name}")
+
+
+@check
+def ring_second_derivatives():
+  """``jax.grad`` of ``jax.grad`` and ``jax.jvp`` of ``jax.grad`` through
+  the ring equal the reference's: the blocks' own rules differentiate as
+  the reference (``pallas_kernels.higher_order``)."""
+  c = RingCase(P=2, causal=True, layout="zigzag", segments="self", B=1,
+               T=16, S=16, N=2, K=1)
+  q, k, v, ids, _, _ = _inputs(c)
+  tangents = _inputs(c, seed=1)[:3]
+
+  def reference(q, k, v):
+    return pallas_kernels.reference.attention(
+        q, k, v, causal=c.causal, segment_ids=ids, return_lse=True)
+
+  def second_derivatives(fn):
+    def loss(q, k, v):
+      out, lse = fn(q, k, v)
+      lse = jnp.where(lse > pallas_kernels.EMPTY_ROW_LSE / 2, lse, 0.0)
+      return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(lse))
+
+    grad = jax.grad(loss, (0, 1, 2))
+    penalty = lambda q, k, v: sum(jnp.sum(g**2) for g in grad(q, k, v))
+    return jax.jit(lambda q, k, v: (
+        jax.grad(penalty, (0, 1, 2))(q, k, v),
+        jax.jvp(grad, (q, k, v), tangents)[1]))(q, k, v)
+
+  got = second_derivatives(_ring_on_whole_sequences(c, ids))
+  want = second_derivatives(reference)
+  for kind, g, r in zip(("grad of grad", "jvp of grad"), got, want):
+    for name, x, y in zip(("q", "k", "v"), g, r):
+      assert_close(x, y, GRAD, c.dtype, err_msg=f"{kind}: d{name}")
 
 
 DEFAULT_CASES = (
