@@ -169,8 +169,8 @@ class _Ring:
   backend: str
   interpret: bool
   block_sizes: Any
-  # Blocks through the reference: the ring whose derivatives are those of
-  # the rules that run the kernels (`pallas_kernels.higher_order`).
+  # Blocks through `pallas_kernels.higher_order.attention`: the ring whose
+  # derivatives are those of the rules that run the kernels.
   by_reference: bool = False
 
 
@@ -205,9 +205,9 @@ def _attend(st: _Ring, q, k, v, q_ids, kv_ids, causal: bool):
   """One block pair through the kernel: ``(out (B, Tq, N, Hv), lse)``."""
   seg = None if q_ids is None else (q_ids, kv_ids)
   if st.by_reference:
-    return pallas_kernels.reference.attention(
-        q, k, v, causal=causal, segment_ids=seg, scale=st.scale,
-        return_lse=True)
+    prep = common.prepare(q, k, v, causal=causal, segment_ids=seg,
+                          scale=st.scale)
+    return higher_order.attention(q, k, v, prep)
   return pallas_kernels.flash_attention(
       q, k, v, causal=causal, segment_ids=seg, scale=st.scale,
       block_sizes=st.block_sizes, backend=st.backend,
@@ -406,7 +406,7 @@ def _ring(st: _Ring, q, k, v, q_ids, kv_ids):
 
 
 # The rules' own derivatives (second derivatives of the attention) are those
-# of the same ring with the reference's blocks, which JAX differentiates.
+# of the same ring with blocks that JAX differentiates (`higher_order`).
 def _differentiable(st: _Ring, ring_pass):
   return higher_order.differentiated_as(
       functools.partial(ring_pass, dataclasses.replace(st, by_reference=True)),

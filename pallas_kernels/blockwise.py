@@ -60,7 +60,6 @@ from pallas_kernels import common
 from pallas_kernels import dropout as dropout_lib
 from pallas_kernels import higher_order
 from pallas_kernels import masks as masks_lib
-from pallas_kernels import reference
 
 _F32 = jnp.float32
 
@@ -806,23 +805,6 @@ def _mm(a, b, contract_a: int, contract_b: int, dtype):
                          preferred_element_type=_F32)
 
 
-def _anchor(*trees):
-  """A scalar zero that varies over every mesh axis any input varies over.
-
-  Inside ``shard_map`` a loop's state must keep its type, so fresh states
-  are made from it (:func:`_fresh`); elsewhere it is a constant zero.
-  """
-  anchor = jnp.zeros((), _F32)
-  for leaf in jax.tree.leaves(trees):
-    anchor = anchor + jnp.zeros_like(leaf, _F32, shape=())
-  return anchor
-
-
-def _fresh(anchor, shape, value=0.0):
-  """A new fp32 loop state of ``shape``, typed like ``anchor``."""
-  return jnp.full_like(anchor, value, shape=shape)
-
-
 def _logit_scale(st: _Static, dtype) -> float:
   """The scale still to apply to the logits of q prescaled by
   :func:`_prescale`: none when folding it into q is exact enough (fp32, or a
@@ -1104,13 +1086,13 @@ def _forward(st: _Static, q_all, k_all, v_all, blocks, seeds):
   rate = st.dropout_rate
   logit_scale = _logit_scale(st, dtype)
   sched = _schedule(st, by_q=True, has_data_mask=bool(blocks))
-  anchor = _anchor(q_all, k_all, v_all, blocks, seeds)
+  anchor = common.anchor(q_all, k_all, v_all, blocks, seeds)
 
   def fresh(rows):
     """The state of ``rows`` query positions that have seen no key."""
-    return (_fresh(anchor, (BK, rows * G), masks_lib.MASK_VALUE),
-            _fresh(anchor, (BK, rows * G)),
-            _fresh(anchor, (BK, rows * G, Hv)))
+    return (common.fresh(anchor, (BK, rows * G), masks_lib.MASK_VALUE),
+            common.fresh(anchor, (BK, rows * G)),
+            common.fresh(anchor, (BK, rows * G, Hv)))
 
   def update(q, q0, k, v, k0, masked, state):
     """Folds keys ``k, v`` (positions from ``k0``) into the state of
@@ -1223,8 +1205,8 @@ def _backward(st: _Static, q_all, k_all, v_all, blocks, seeds, lse_all,
   rate = st.dropout_rate
   logit_scale = _logit_scale(st, dtype)
   sched = _schedule(st, by_q=False, has_data_mask=bool(blocks))
-  anchor = _anchor(q_all, k_all, v_all, blocks, seeds, lse_all, d_out_all,
-                   delta_all)
+  anchor = common.anchor(q_all, k_all, v_all, blocks, seeds, lse_all,
+                         d_out_all, delta_all)
   # dQ^T is accumulated in (BK, H, (pad + Tp + pad) * G): the edge updates
   # one window of it per key block, and the margins keep every window in
   # bounds (a dynamic slice would otherwise be clamped and shift).
@@ -1263,7 +1245,8 @@ def _backward(st: _Static, q_all, k_all, v_all, blocks, seeds, lse_all,
       return dq_win, dk, dv
 
     def fresh(n):
-      return (_fresh(anchor, (BK, n, H)), _fresh(anchor, (BK, n, v.shape[-1])))
+      return (common.fresh(anchor, (BK, n, H)),
+              common.fresh(anchor, (BK, n, v.shape[-1])))
 
     def run_chunk(pieces, lo, hi, state, dq_win):
       dk_c, dv_c = state
@@ -1304,13 +1287,13 @@ def _backward(st: _Static, q_all, k_all, v_all, blocks, seeds, lse_all,
       dq_win, dk, dv = _run_edge(sched, kj, edge_grads, kj, k, v, dq_win)
       dq_t = lax.dynamic_update_slice_in_dim(dq_t, dq_win, at, 2)
     else:
-      dk, dv = _fresh(anchor, k.shape), _fresh(anchor, v.shape)
+      dk, dv = common.fresh(anchor, k.shape), common.fresh(anchor, v.shape)
     dq_t, dk, dv = _run_main(sched, kj, main_step, (dq_t, dk, dv),
                              _full_blocks(blocks, st, kj, by_q=False))
     return dq_t, (dk * logit_scale, dv)
 
   dq_t, (dk, dv) = lax.scan(
-      k_block, _fresh(anchor, (BK, H, (pad_lo + Tp + pad_hi) * G)),
+      k_block, common.fresh(anchor, (BK, H, (pad_lo + Tp + pad_hi) * G)),
       jnp.arange(nk, dtype=jnp.int32))
   dq_t = dq_t[:, :, pad_lo * G:(pad_lo + Tp) * G]
   return jnp.swapaxes(dq_t, 1, 2) * st.scale, dk, dv
@@ -1466,7 +1449,7 @@ def _attention(st: _Static, q, k, v, data, seeds):
   return _forward_rows(st, q, k, v, data, seeds)[:2]
 
 
-def _reference_prep(st: _Static, q, k, v, data, seeds,
+def _call_prep(st: _Static, q, k, v, data, seeds,
                     scale: float) -> common.Prepared:
   # Seeds are those of the whole batch here: `examples` is its arange.
   return higher_order.prepared(q, k, v, st.spec, data, scale,
@@ -1474,32 +1457,33 @@ def _reference_prep(st: _Static, q, k, v, data, seeds,
                                None if seeds is None else seeds.words)
 
 
-def _reference_forward(st: _Static, q, k, v, data, seeds):
-  """:func:`_forward_rows` by the reference: ``out`` float32, ``lse`` and
-  the row layout."""
-  prep = _reference_prep(st, q, k, v, data, seeds, st.scale)
-  out, lse = reference.attention_core(q, k, v, prep)
+def _differentiable_forward(st: _Static, q, k, v, data, seeds):
+  """:func:`_forward_rows` by :func:`higher_order.attention`: ``out``
+  float32, ``lse`` and the row layout."""
+  prep = _call_prep(st, q, k, v, data, seeds, st.scale)
+  out, lse = higher_order.attention(q, k, v, prep)
   return out, lse, _lay_out(st, q, k, v)
 
 
-def _reference_backward(st: _Static, arrays, data, seeds):
-  """:func:`_run_backward` by the reference, from the row layout."""
+def _differentiable_backward(st: _Static, arrays, data, seeds):
+  """:func:`_run_backward` by :func:`higher_order.grads`, from the row
+  layout."""
   laid_out, (out, lse, d_out, d_lse) = arrays[:3], arrays[3:]
-  del out, lse  # the reference recomputes them
+  del out, lse  # recomputed
   q, k, v = _from_layout(st, laid_out)
   # The layout's q holds the scale but for `_logit_scale`'s part.
   logit_scale = _logit_scale(st, q.dtype)
-  prep = _reference_prep(st, q, k, v, data, seeds, logit_scale)
-  dq, dk, dv = higher_order.reference_grads(q, k, v, prep, d_out, d_lse)
+  prep = _call_prep(st, q, k, v, data, seeds, logit_scale)
+  dq, dk, dv = higher_order.grads(q, k, v, prep, d_out, d_lse)
   return dq * (st.scale / logit_scale), dk, dv
 
 
 # The rules run blocks in loops with traced bounds, which JAX cannot
 # differentiate in reverse mode; their own derivatives (second derivatives
-# of the attention) are the reference's (`higher_order`).
+# of the attention) are those of `higher_order.attention`.
 def _attention_fwd(st, q, k, v, data, seeds):
   out, lse, laid_out = higher_order.differentiated_as(
-      functools.partial(_reference_forward, st),
+      functools.partial(_differentiable_forward, st),
       functools.partial(_forward_rows, st))(q, k, v, data, seeds)
   # The backward reuses the forward's row layout of q, k and v rather than
   # laying them out again; out is only needed for D = rowsum(dO * O), taken
@@ -1544,7 +1528,7 @@ def _attention_bwd(st, residuals, cotangents):
   sb = dataclasses.replace(st, plan=st.bwd_plan)
   run = lambda arrays, data, seeds: _run_backward(sb, arrays, data, seeds)
   dq, dk, dv = higher_order.differentiated_as(
-      functools.partial(_reference_backward, st),
+      functools.partial(_differentiable_backward, st),
       _folding_vmap(run, out.shape[0]))(
           (*laid_out, out, lse, *cotangents), data, seeds)
   q_all, k_all, v_all = laid_out

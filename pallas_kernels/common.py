@@ -123,6 +123,25 @@ def vary_alike(arrays: list) -> tuple[list, frozenset]:
   return arrays, axes
 
 
+def anchor(*trees):
+  """A scalar fp32 zero that varies over every mesh axis any leaf of
+  ``trees`` varies over.
+
+  Inside ``shard_map`` a loop's state must keep its type, so fresh states
+  are made from it (:func:`fresh`); elsewhere it is a constant zero.
+  """
+  zero = jnp.zeros((), jnp.float32)
+  for leaf in jax.tree.leaves(trees):
+    zero = zero + jnp.zeros_like(leaf, jnp.float32, shape=())
+  return zero
+
+
+def fresh(anchor_, shape, value=0.0):
+  """A new fp32 loop state of ``shape``, typed like ``anchor_``
+  (:func:`anchor`)."""
+  return jnp.full_like(anchor_, value, shape=shape)
+
+
 def store_int_field(obj, name: str, requirement: str, ok) -> None:
   """Checks that dataclass field ``name`` of ``obj`` is an int (Python or
   NumPy, not a bool) for which ``ok`` holds, and stores it as a Python int

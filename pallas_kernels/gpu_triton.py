@@ -48,7 +48,6 @@ from pallas_kernels import dropout as dropout_lib
 from pallas_kernels import higher_order
 from pallas_kernels import masks as masks_lib
 from pallas_kernels import partitioning
-from pallas_kernels import reference
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -958,34 +957,34 @@ def _flash(cfg: _Config, q, k, v, data, seeds):
   return _sharded_forward(cfg, q, k, v, data, seeds)
 
 
-def _reference_prep(cfg: _Config, q, k, v, data, seeds) -> common.Prepared:
+def _call_prep(cfg: _Config, q, k, v, data, seeds) -> common.Prepared:
   return higher_order.prepared(q, k, v, cfg.spec, data, cfg.scale, cfg.rate,
                                seeds)
 
 
-def _reference_forward(cfg: _Config, q, k, v, data, seeds):
-  prep = _reference_prep(cfg, q, k, v, data, seeds)
-  return reference.attention_core(q, k, v, prep)
+def _differentiable_forward(cfg: _Config, q, k, v, data, seeds):
+  prep = _call_prep(cfg, q, k, v, data, seeds)
+  return higher_order.attention(q, k, v, prep)
 
 
-def _reference_backward(cfg: _Config, res, cotangents):
+def _differentiable_backward(cfg: _Config, res, cotangents):
   q, k, v, data, seeds = res[:5]
-  prep = _reference_prep(cfg, q, k, v, data, seeds)
-  return higher_order.reference_grads(q, k, v, prep, *cotangents)
+  prep = _call_prep(cfg, q, k, v, data, seeds)
+  return higher_order.grads(q, k, v, prep, *cotangents)
 
 
 # The rules run the kernels; their own derivatives (second derivatives of
-# the attention) are the reference's (`higher_order`).
+# the attention) are those of `higher_order.attention`.
 def _flash_fwd(cfg, q, k, v, data, seeds):
   out, lse = higher_order.differentiated_as(
-      functools.partial(_reference_forward, cfg),
+      functools.partial(_differentiable_forward, cfg),
       functools.partial(_sharded_forward, cfg))(q, k, v, data, seeds)
   return (out, lse), (q, k, v, data, seeds, out, lse)
 
 
 def _flash_bwd(cfg, res, cotangents):
   dq, dk, dv = higher_order.differentiated_as(
-      functools.partial(_reference_backward, cfg),
+      functools.partial(_differentiable_backward, cfg),
       functools.partial(_sharded_backward, cfg))(res, cotangents)
   data, seeds = res[3], res[4]
   zeros = lambda tree: jax.tree.map(

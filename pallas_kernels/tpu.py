@@ -64,7 +64,6 @@ from pallas_kernels import dropout as dropout_lib
 from pallas_kernels import higher_order
 from pallas_kernels import masks as masks_lib
 from pallas_kernels import partitioning
-from pallas_kernels import reference
 
 _F32 = jnp.float32
 _LANES = 128
@@ -908,8 +907,9 @@ def _flash(st: _Static, q, k, v, data):
   return _sharded_forward(st, q, k, v, data)
 
 
-def _reference_prep(st: _Static, q, k, v, data: dict) -> common.Prepared:
-  """The reference's arguments of a call, from :func:`_data_dict`'s."""
+def _call_prep(st: _Static, q, k, v, data: dict) -> common.Prepared:
+  """The :class:`~pallas_kernels.common.Prepared` of a call, from
+  :func:`_data_dict`'s arrays."""
   mask_data = masks_lib.MaskData(
       q_segment_ids=data.get("q_ids"), kv_segment_ids=data.get("kv_ids"),
       q_lengths=data.get("q_lengths"), kv_lengths=data.get("kv_lengths"),
@@ -918,21 +918,22 @@ def _reference_prep(st: _Static, q, k, v, data: dict) -> common.Prepared:
                                st.dropout_rate, data.get("seeds"))
 
 
-def _reference_forward(st: _Static, q, k, v, data):
-  return reference.attention_core(q, k, v, _reference_prep(st, q, k, v, data))
+def _differentiable_forward(st: _Static, q, k, v, data):
+  return higher_order.attention(q, k, v, _call_prep(st, q, k, v, data))
 
 
-def _reference_backward(st: _Static, q, k, v, data, out, lse, d_out, d_lse):
-  del out, lse  # the reference recomputes them
-  return higher_order.reference_grads(
-      q, k, v, _reference_prep(st, q, k, v, data), d_out, d_lse)
+def _differentiable_backward(st: _Static, q, k, v, data, out, lse, d_out,
+                             d_lse):
+  del out, lse  # recomputed
+  return higher_order.grads(
+      q, k, v, _call_prep(st, q, k, v, data), d_out, d_lse)
 
 
 # The rules run the kernels; their own derivatives (second derivatives of
-# the attention) are the reference's (`higher_order`).
+# the attention) are those of `higher_order.attention`.
 def _flash_fwd(st, q, k, v, data):
   out, lse = higher_order.differentiated_as(
-      functools.partial(_reference_forward, st),
+      functools.partial(_differentiable_forward, st),
       functools.partial(_sharded_forward, st))(q, k, v, data)
   return (out, lse), (q, k, v, data, out, lse)
 
@@ -941,7 +942,7 @@ def _flash_bwd(st, residuals, cotangents):
   q, k, v, data, out, lse = residuals
   d_out, d_lse = cotangents
   dq, dk, dv = higher_order.differentiated_as(
-      functools.partial(_reference_backward, st),
+      functools.partial(_differentiable_backward, st),
       functools.partial(_sharded_backward, st))(q, k, v, data, out, lse,
                                                 d_out, d_lse)
   return dq, dk, dv, jax.tree.map(lambda _: None, data)

@@ -1,0 +1,75 @@
+"""``pallas_kernels.higher_order``: the function whose derivatives the
+paths' rules take, against the reference.
+
+Shape letters: B batch, T query length, S key/value length, N query heads,
+K key/value heads, H head dim, Hv value head dim.
+
+Every path's second derivatives are checked against the reference by the
+conformance suite (``test_second_derivatives``); here, the loop over key
+blocks itself, and that its derivatives stay memory-linear.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels
+from benchmarks.shapes import AttentionShape
+from pallas_kernels import common
+from pallas_kernels import higher_order
+from pallas_kernels import masks as masks_lib
+from pallas_kernels import reference
+from tests.conformance import Case, make_inputs
+from tests.tolerances import FORWARD, GRAD, assert_close
+
+
+@pytest.mark.parametrize("mask", ["all", "window_lr", "q_lengths", "none"])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_attention_over_key_blocks_is_the_reference(mask, dropout):
+  # S = 35 in blocks of 8: the last block is padding but for 3 keys.
+  shape = AttentionShape(B=2, T=21, S=35, N=4, K=2, H=16, Hv=8)
+  q, k, v, kw = make_inputs(Case(shape, mask, dropout=dropout), seed=5)
+  prep = common.prepare(q, k, v, **kw)
+  blocks = lambda q, k, v: higher_order.attention(q, k, v, prep, block_k=8)
+  dense = lambda q, k, v: reference.attention_core(q, k, v, prep)
+
+  def loss(fn):
+    def f(q, k, v):
+      out, lse = fn(q, k, v)
+      lse = jnp.where(lse > masks_lib.EMPTY_ROW_LSE / 2, lse, 0.0)
+      return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(lse))
+    return f
+
+  for name, got, want in zip(("out", "lse"), jax.jit(blocks)(q, k, v),
+                             dense(q, k, v)):
+    assert_close(got, want, FORWARD, "float32", name)
+  grad = lambda fn: jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
+  for name, got, want in zip("qkv", grad(blocks), grad(dense)):
+    assert_close(got, want, GRAD, "float32", f"d{name}")
+
+
+def _second_derivative_temp_bytes(T: int, backend="xla", B=1, N=2,
+                                  H=32) -> int:
+  """XLA's temporaries of a Hessian-vector product (jvp of grad) at length
+  ``T`` through the blockwise path (``backend="xla"``) or the reference."""
+  q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+  attention = (reference.attention if backend == "reference" else
+               lambda q, k, v, **kw: pallas_kernels.flash_attention(
+                   q, k, v, backend=backend, **kw))
+  grad = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(
+      attention(q, k, v, causal=True))))
+  hvp = lambda q, k, v: jax.jvp(lambda q: grad(q, k, v), (q,), (q,))[1]
+  compiled = jax.jit(hvp).lower(q, q, q).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_second_derivatives_are_memory_linear():
+  lengths = [1024, 2048, 4096]
+  temps = [_second_derivative_temp_bytes(T) for T in lengths]
+  for small, big in zip(temps, temps[1:]):
+    assert big < 2.2 * small, temps
+  # The reference's, which holds the (B, N, T, T) scores, is far larger.
+  assert 3 * temps[-1] < _second_derivative_temp_bytes(
+      lengths[-1], "reference"), temps
