@@ -1468,13 +1468,11 @@ def _differentiable_forward(st: _Static, q, k, v, data, seeds):
 def _differentiable_backward(st: _Static, arrays, data, seeds):
   """:func:`_run_backward` by :func:`higher_order.grads`, from the row
   layout."""
-  laid_out, (out, lse, d_out, d_lse) = arrays[:3], arrays[3:]
-  del out, lse  # recomputed
-  q, k, v = _from_layout(st, laid_out)
+  q, k, v = _from_layout(st, arrays[:3])
   # The layout's q holds the scale but for `_logit_scale`'s part.
   logit_scale = _logit_scale(st, q.dtype)
   prep = _call_prep(st, q, k, v, data, seeds, logit_scale)
-  dq, dk, dv = higher_order.grads(q, k, v, prep, d_out, d_lse)
+  dq, dk, dv = higher_order.grads(q, k, v, prep, *arrays[3:])
   return dq * (st.scale / logit_scale), dk, dv
 
 

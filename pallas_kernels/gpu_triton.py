@@ -968,9 +968,9 @@ def _differentiable_forward(cfg: _Config, q, k, v, data, seeds):
 
 
 def _differentiable_backward(cfg: _Config, res, cotangents):
-  q, k, v, data, seeds = res[:5]
+  q, k, v, data, seeds, out, lse = res
   prep = _call_prep(cfg, q, k, v, data, seeds)
-  return higher_order.grads(q, k, v, prep, *cotangents)
+  return higher_order.grads(q, k, v, prep, out, lse, *cotangents)
 
 
 # The rules run the kernels; their own derivatives (second derivatives of

@@ -69,17 +69,64 @@ def prepared(q, k, v, spec: masks_lib.MaskSpec, data: masks_lib.MaskData,
                          seeds=seeds if dropout_rate > 0.0 else None)
 
 
-def grads(q, k, v, prep: common.Prepared, d_out, d_lse):
-  """``(dq, dk, dv)`` of :func:`attention` at ``q, k, v`` for the cotangents
-  ``d_out (B, T, N, Hv)`` and ``d_lse (B, N, T)``."""
-  (out, lse), vjp = jax.vjp(lambda q, k, v: attention(q, k, v, prep), q, k,
-                            v)
-  return vjp((jnp.asarray(d_out, out.dtype), jnp.asarray(d_lse, lse.dtype)))
-
-
-# Keys per step of `attention`'s loop. Reverse mode keeps each step's loop
-# state: ``(B, T, N, Hv + 2)`` floats per block.
+# Keys per step of the loops below. Reverse mode keeps each step's loop
+# state: about ``(B, T, N, H + 2)`` floats per block.
 KEY_BLOCK = 512
+
+
+def _key_blocks(k, v, prep: common.Prepared, block_k: int):
+  """``(bk, per_block)``: ``k``, ``v`` (float32), their first positions and
+  the per-key mask data in blocks of ``bk`` keys, zero-padded to whole
+  blocks, each led by the block axis: the ``xs`` of a ``lax.scan``."""
+  S = prep.problem.S
+  bk = min(block_k, S)
+  nk = -(-S // bk)
+
+  def blocks(x, axis):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, nk * bk - S)
+    x = jnp.pad(x, widths)
+    x = x.reshape(x.shape[:axis] + (nk, bk) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  data = prep.data
+  return bk, dict(
+      k=blocks(k.astype(jnp.float32), 1), v=blocks(v.astype(jnp.float32), 1),
+      start=jnp.arange(nk, dtype=jnp.int32) * bk,
+      kv_segment_ids=(None if data.kv_segment_ids is None
+                      else blocks(data.kv_segment_ids, 1)),
+      mask=None if data.mask is None else blocks(data.mask, 3))
+
+
+def _block_logits(q, xs, prep: common.Prepared, bk: int):
+  """The ``(B, N, T, bk)`` masked logits of prescaled, grouped ``q (B, T, K,
+  G, H)`` against one key block of :func:`_key_blocks`, whether each entry
+  is allowed, and its dropout keep mask (None without dropout)."""
+  p_ = prep.problem
+  B, N, T = p_.B, p_.N, p_.T
+  start = xs["start"]
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, xs["k"],
+                      precision=lax.Precision.HIGHEST).reshape(B, N, T, bk)
+  data = prep.data
+  block_data = dataclasses.replace(
+      data, kv_segment_ids=xs["kv_segment_ids"], mask=xs["mask"],
+      kv_lengths=(None if data.kv_lengths is None
+                  else data.kv_lengths - start))
+  allowed = masks_lib.dense_mask(prep.spec, block_data, B, N, T, bk, 0,
+                                 start)
+  allowed = allowed & (start + jnp.arange(bk) < p_.S)  # not padding
+  keep = None
+  if prep.dropout_rate > 0.0:
+    keep = dropout_lib.keep_mask_block(prep.seeds, prep.dropout_rate, B, N,
+                                       T, bk, 0, start)
+  return jnp.where(allowed, logits, masks_lib.MASK_VALUE), allowed, keep
+
+
+def _grouped(x, prep: common.Prepared):
+  """``(B, T, N, X)`` -> ``(B, T, K, G, X)``, float32."""
+  p_ = prep.problem
+  return x.astype(jnp.float32).reshape(p_.B, p_.T, p_.K, p_.groups,
+                                       x.shape[-1])
 
 
 def attention(q, k, v, prep: common.Prepared, *, block_k: int = KEY_BLOCK):
@@ -102,54 +149,21 @@ def attention(q, k, v, prep: common.Prepared, *, block_k: int = KEY_BLOCK):
     ``(out (B, T, N, Hv) in q.dtype, lse (B, N, T) float32)``.
   """
   p_ = prep.problem
-  B, T, S, N, K, G, H, Hv = (p_.B, p_.T, p_.S, p_.N, p_.K, p_.groups, p_.H,
-                             p_.Hv)
-  bk = min(block_k, S)
-  nk = -(-S // bk)
-  f32 = jnp.float32
-
-  def blocks(x, axis):
-    """Splits axis ``axis`` (length S) into ``nk`` blocks, zero-padded, led
-    by the block axis."""
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, nk * bk - S)
-    x = jnp.pad(x, widths)
-    x = x.reshape(x.shape[:axis] + (nk, bk) + x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
-
-  out_dtype, data = q.dtype, prep.data
-  per_block = dict(
-      k=blocks(k.astype(f32), 1), v=blocks(v.astype(f32), 1),
-      start=jnp.arange(nk, dtype=jnp.int32) * bk,
-      kv_segment_ids=(None if data.kv_segment_ids is None
-                      else blocks(data.kv_segment_ids, 1)),
-      mask=None if data.mask is None else blocks(data.mask, 3))
-  q = q.astype(f32) * prep.scale
-  q = q.reshape(B, T, K, G, H)
+  B, T, N, K, G, Hv = p_.B, p_.T, p_.N, p_.K, p_.groups, p_.Hv
+  bk, per_block = _key_blocks(k, v, prep, block_k)
+  out_dtype = q.dtype
+  q = _grouped(q, prep) * prep.scale
 
   @jax.checkpoint
   def step(carry, xs):
     m, l, acc = carry  # (B, N, T), (B, N, T), (B, T, N, Hv)
-    start = xs["start"]
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, xs["k"],
-                        precision=lax.Precision.HIGHEST)
-    logits = logits.reshape(B, N, T, bk)
-    block_data = dataclasses.replace(
-        data, kv_segment_ids=xs["kv_segment_ids"], mask=xs["mask"],
-        kv_lengths=(None if data.kv_lengths is None
-                    else data.kv_lengths - start))
-    allowed = masks_lib.dense_mask(prep.spec, block_data, B, N, T, bk, 0,
-                                   start)
-    allowed = allowed & (start + jnp.arange(bk) < S)  # not padding
-    logits = jnp.where(allowed, logits, masks_lib.MASK_VALUE)
+    logits, _, keep = _block_logits(q, xs, prep, bk)
     # As in the reference, the running max only shifts the exponents.
     m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(logits, axis=-1)))
     unnormalized = jnp.exp(logits - m_new[..., None])
     alpha = jnp.exp(m - m_new)
     l = l * alpha + jnp.sum(unnormalized, axis=-1)
-    if prep.dropout_rate > 0.0:
-      keep = dropout_lib.keep_mask_block(prep.seeds, prep.dropout_rate, B, N,
-                                         T, bk, 0, start)
+    if keep is not None:
       unnormalized = jnp.where(keep, unnormalized, 0.0)
     pv = jnp.einsum("bkgts,bskh->btkgh",
                     unnormalized.reshape(B, K, G, T, bk), xs["v"],
@@ -158,7 +172,7 @@ def attention(q, k, v, prep: common.Prepared, *, block_k: int = KEY_BLOCK):
     return (m_new, l, acc), None
 
   # Typed like the inputs inside shard_map (the ring's blocks).
-  anchor = common.anchor(q, per_block, data, prep.seeds)
+  anchor = common.anchor(q, per_block, prep.data, prep.seeds)
   init = (common.fresh(anchor, (B, N, T), masks_lib.MASK_VALUE),
           common.fresh(anchor, (B, N, T)), common.fresh(anchor, (B, T, N, Hv)))
   (m, l, acc), _ = lax.scan(step, init, per_block)
@@ -167,3 +181,61 @@ def attention(q, k, v, prep: common.Prepared, *, block_k: int = KEY_BLOCK):
   norm = jnp.swapaxes(l * (1.0 - prep.dropout_rate), 1, 2)[..., None]
   out = jnp.where(jnp.swapaxes(nonempty, 1, 2)[..., None], acc / norm, 0.0)
   return out.astype(out_dtype), lse
+
+
+def grads(q, k, v, prep: common.Prepared, out, lse, d_out, d_lse, *,
+          block_k: int = KEY_BLOCK):
+  """``(dq, dk, dv)`` of :func:`attention` at ``q, k, v`` for the cotangents
+  ``d_out`` and ``d_lse``, from its ``out`` and ``lse``.
+
+  FlashAttention-2's backward over blocks of keys, in a loop like
+  :func:`attention`'s. With ``Z`` the dropout mask scaled by ``1 / (1 -
+  rate)``: ``P = exp(S - lse)``, ``dV = (P Z)^T dO``, ``dP = (dO V^T) Z``,
+  ``dS = P (dP - D)`` with ``D = rowsum(dO O) - dlse``.
+
+  Args:
+    q, k, v, prep: as for :func:`attention`.
+    out: ``(B, T, N, Hv)``; lse: ``(B, N, T)``: :func:`attention`'s.
+    d_out: ``(B, T, N, Hv)``; d_lse: ``(B, N, T)``: their cotangents.
+    block_k: keys per step.
+
+  Returns:
+    ``dq``, ``dk``, ``dv`` in the dtypes of ``q``, ``k``, ``v``.
+  """
+  p_ = prep.problem
+  B, T, S, K, G = p_.B, p_.T, p_.S, p_.K, p_.groups
+  bk, per_block = _key_blocks(k, v, prep, block_k)
+  qs = _grouped(q, prep) * prep.scale
+  d_out_g = _grouped(d_out, prep)
+  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32),
+                     out.astype(jnp.float32),
+                     precision=lax.Precision.HIGHEST) - d_lse  # (B, N, T)
+  lse = lse.astype(jnp.float32)[..., None]
+
+  @jax.checkpoint
+  def step(dq, xs):
+    logits, allowed, keep = _block_logits(qs, xs, prep, bk)
+    # Empty rows' lse equals the masked logits: `allowed` zeroes them.
+    p = jnp.where(allowed, jnp.exp(logits - lse), 0.0)  # (B, N, T, bk)
+    d_p = jnp.einsum("btkgh,bskh->bkgts", d_out_g, xs["v"],
+                     precision=lax.Precision.HIGHEST).reshape(p.shape)
+    p_kept = p
+    if keep is not None:
+      z = 1.0 / (1.0 - prep.dropout_rate)
+      p_kept = jnp.where(keep, p * z, 0.0)
+      d_p = jnp.where(keep, d_p * z, 0.0)
+    d_s = (p * (d_p - delta[..., None])).reshape(B, K, G, T, bk)
+    dv = jnp.einsum("bkgts,btkgh->bskh", p_kept.reshape(B, K, G, T, bk),
+                    d_out_g, precision=lax.Precision.HIGHEST)
+    dk = jnp.einsum("bkgts,btkgh->bskh", d_s, qs,
+                    precision=lax.Precision.HIGHEST)
+    dq = dq + jnp.einsum("bkgts,bskh->btkgh", d_s, xs["k"],
+                         precision=lax.Precision.HIGHEST)
+    return dq, (dk, dv)
+
+  anchor = common.anchor(qs, per_block, prep.data, prep.seeds, d_out, lse)
+  dq, (dk, dv) = lax.scan(step, common.fresh(anchor, qs.shape), per_block)
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(
+      (B, -1) + x.shape[3:])[:, :S]
+  return ((dq * prep.scale).reshape(q.shape).astype(q.dtype),
+          unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype))

@@ -924,9 +924,8 @@ def _differentiable_forward(st: _Static, q, k, v, data):
 
 def _differentiable_backward(st: _Static, q, k, v, data, out, lse, d_out,
                              d_lse):
-  del out, lse  # recomputed
-  return higher_order.grads(
-      q, k, v, _call_prep(st, q, k, v, data), d_out, d_lse)
+  return higher_order.grads(q, k, v, _call_prep(st, q, k, v, data), out,
+                            lse, d_out, d_lse)
 
 
 # The rules run the kernels; their own derivatives (second derivatives of

@@ -48,28 +48,42 @@ def test_attention_over_key_blocks_is_the_reference(mask, dropout):
   grad = lambda fn: jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
   for name, got, want in zip("qkv", grad(blocks), grad(dense)):
     assert_close(got, want, GRAD, "float32", f"d{name}")
+  # The backward over key blocks, from the forward's out and lse.
+  out, lse = dense(q, k, v)
+  d_out, d_lse = (jax.random.normal(key, x.shape) for key, x in
+                  zip(jax.random.split(jax.random.key(6)), (out, lse)))
+  got = jax.jit(lambda q, k, v: higher_order.grads(
+      q, k, v, prep, out, lse, d_out, d_lse, block_k=8))(q, k, v)
+  want = jax.vjp(dense, q, k, v)[1]((d_out, d_lse))
+  for name, g, w in zip("qkv", got, want):
+    assert_close(g, w, GRAD, "float32", f"grads: d{name}")
 
 
-def _second_derivative_temp_bytes(T: int, backend="xla", B=1, N=2,
-                                  H=32) -> int:
-  """XLA's temporaries of a Hessian-vector product (jvp of grad) at length
-  ``T`` through the blockwise path (``backend="xla"``) or the reference."""
+def _second_derivative_temp_bytes(kind: str, T: int, backend="xla", B=1,
+                                  N=2, H=32) -> int:
+  """XLA's temporaries of a Hessian-vector product (``kind="jvp of
+  grad"``) or a gradient penalty's gradient (``"grad of grad"``) at length
+  ``T``, through the blockwise path (``backend="xla"``) or the reference."""
   q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
   attention = (reference.attention if backend == "reference" else
                lambda q, k, v, **kw: pallas_kernels.flash_attention(
                    q, k, v, backend=backend, **kw))
   grad = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(
       attention(q, k, v, causal=True))))
-  hvp = lambda q, k, v: jax.jvp(lambda q: grad(q, k, v), (q,), (q,))[1]
-  compiled = jax.jit(hvp).lower(q, q, q).compile()
+  if kind == "jvp of grad":
+    fn = lambda q, k, v: jax.jvp(lambda q: grad(q, k, v), (q,), (q,))[1]
+  else:
+    fn = jax.grad(lambda q, k, v: jnp.sum(grad(q, k, v) ** 2))
+  compiled = jax.jit(fn).lower(q, q, q).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_second_derivatives_are_memory_linear():
+@pytest.mark.parametrize("kind", ["jvp of grad", "grad of grad"])
+def test_second_derivatives_are_memory_linear(kind):
   lengths = [1024, 2048, 4096]
-  temps = [_second_derivative_temp_bytes(T) for T in lengths]
+  temps = [_second_derivative_temp_bytes(kind, T) for T in lengths]
   for small, big in zip(temps, temps[1:]):
     assert big < 2.2 * small, temps
   # The reference's, which holds the (B, N, T, T) scores, is far larger.
   assert 3 * temps[-1] < _second_derivative_temp_bytes(
-      lengths[-1], "reference"), temps
+      kind, lengths[-1], "reference"), temps
