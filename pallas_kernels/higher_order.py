@@ -10,10 +10,14 @@ derivative differentiates the rules themselves: ``jax.grad`` of
 
 :func:`differentiated_as` wraps a rule so that it still runs its own code
 for its values, while every derivative of it is that of a differentiable
-function of the same arguments, built on :func:`attention`: the
-reference's function over blocks of keys, in a loop JAX differentiates in
-both modes without the ``(B, N, T, S)`` scores. First derivatives keep the
-paths' speed and memory; second ones hold one block of scores at a time.
+function of the same arguments, built on :func:`attention` and
+:func:`grads`: the reference's function and FlashAttention-2's backward over
+blocks of keys, in loops JAX differentiates in both modes without the
+``(B, N, T, S)`` scores. First derivatives keep the paths' speed and memory;
+second ones hold one block of scores at a time.
+
+Shape letters: B batch, T query length, S key/value length, N query heads,
+K key/value heads, H head dim, Hv value head dim.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def differentiated_as(differentiable: Callable, fast: Callable) -> Callable:
     A ``jax.custom_jvp`` function of ``fast``'s arguments (arrays or pytrees
     of them; integer and boolean leaves get no tangent). Its tangents are
     cast to the dtypes of ``fast``'s outputs.
+
+  >>> fast = lambda x: jnp.round(x * 8) / 8  # values without derivatives
+  >>> f = differentiated_as(lambda x: x, fast)
+  >>> x = jnp.float32(0.3)
+  >>> float(f(x)), float(jax.grad(f)(x)), float(jax.grad(jax.grad(f))(x))
+  (0.25, 1.0, 0.0)
   """
   wrapped = jax.custom_jvp(fast)
 
@@ -63,7 +73,14 @@ def prepared(q, k, v, spec: masks_lib.MaskSpec, data: masks_lib.MaskData,
              seeds: Optional[jax.Array]) -> common.Prepared:
   """The :class:`~pallas_kernels.common.Prepared` of a call on ``q (B, T, N,
   H)``, ``k (B, S, K, H)`` and ``v (B, S, K, Hv)``, from the parts a path
-  keeps."""
+  keeps.
+
+  >>> q = jnp.ones((1, 4, 2, 8))
+  >>> prep = prepared(q, q, q, masks_lib.MaskSpec(), masks_lib.MaskData(),
+  ...                 scale=0.5, dropout_rate=0.0, seeds=None)
+  >>> prep.problem.T, prep.scale
+  (4, 0.5)
+  """
   return common.Prepared(problem=common.check_qkv(q, k, v), spec=spec,
                          data=data, scale=scale, dropout_rate=dropout_rate,
                          seeds=seeds if dropout_rate > 0.0 else None)
@@ -147,6 +164,14 @@ def attention(q, k, v, prep: common.Prepared, *, block_k: int = KEY_BLOCK):
 
   Returns:
     ``(out (B, T, N, Hv) in q.dtype, lse (B, N, T) float32)``.
+
+  >>> from pallas_kernels import reference
+  >>> q = jax.random.normal(jax.random.key(0), (1, 40, 2, 8))
+  >>> prep = common.prepare(q, q, q, causal=True)
+  >>> out, lse = attention(q, q, q, prep, block_k=16)
+  >>> ref, ref_lse = reference.attention_core(q, q, q, prep)
+  >>> bool(jnp.allclose(out, ref, atol=1e-5))
+  True
   """
   p_ = prep.problem
   B, T, N, K, G, Hv = p_.B, p_.T, p_.N, p_.K, p_.groups, p_.Hv
@@ -201,6 +226,15 @@ def grads(q, k, v, prep: common.Prepared, out, lse, d_out, d_lse, *,
 
   Returns:
     ``dq``, ``dk``, ``dv`` in the dtypes of ``q``, ``k``, ``v``.
+
+  >>> q = jax.random.normal(jax.random.key(0), (1, 40, 2, 8))
+  >>> prep = common.prepare(q, q, q, causal=True)
+  >>> out, lse = attention(q, q, q, prep)
+  >>> d_out, d_lse = jnp.cos(out), jnp.zeros_like(lse)
+  >>> dq, dk, dv = grads(q, q, q, prep, out, lse, d_out, d_lse, block_k=16)
+  >>> _, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, prep), q, q, q)
+  >>> bool(jnp.allclose(dk, vjp((d_out, d_lse))[1], atol=1e-5))
+  True
   """
   p_ = prep.problem
   B, T, S, K, G = p_.B, p_.T, p_.S, p_.K, p_.groups

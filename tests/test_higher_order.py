@@ -25,8 +25,8 @@ from tests.conformance import Case, make_inputs
 from tests.tolerances import FORWARD, GRAD, assert_close
 
 
-@pytest.mark.parametrize("mask", ["all", "window_lr", "q_lengths", "none"])
-@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("mask,dropout", [
+    ("all", 0.25), ("window_lr", 0.0), ("q_lengths", 0.25), ("none", 0.0)])
 def test_attention_over_key_blocks_is_the_reference(mask, dropout):
   # S = 35 in blocks of 8: the last block is padding but for 3 keys.
   shape = AttentionShape(B=2, T=21, S=35, N=4, K=2, H=16, Hv=8)
