@@ -1450,8 +1450,10 @@ def _attention(st: _Static, q, k, v, data, seeds):
 
 
 def _call_prep(st: _Static, q, k, v, data, seeds,
-                    scale: float) -> common.Prepared:
-  # Seeds are those of the whole batch here: `examples` is its arange.
+               scale: float) -> common.Prepared:
+  """The :class:`~pallas_kernels.common.Prepared` of a call, from the
+  rules' arguments (the seeds of the whole batch: ``examples`` is its
+  ``arange``)."""
   return higher_order.prepared(q, k, v, st.spec, data, scale,
                                st.dropout_rate,
                                None if seeds is None else seeds.words)
@@ -1478,7 +1480,7 @@ def _differentiable_backward(st: _Static, arrays, data, seeds):
 
 # The rules run blocks in loops with traced bounds, which JAX cannot
 # differentiate in reverse mode; their own derivatives (second derivatives
-# of the attention) are those of `higher_order.attention`.
+# of the attention) are those of `higher_order`'s loops over key blocks.
 def _attention_fwd(st, q, k, v, data, seeds):
   out, lse, laid_out = higher_order.differentiated_as(
       functools.partial(_differentiable_forward, st),

@@ -974,7 +974,7 @@ def _differentiable_backward(cfg: _Config, res, cotangents):
 
 
 # The rules run the kernels; their own derivatives (second derivatives of
-# the attention) are those of `higher_order.attention`.
+# the attention) are those of `higher_order`'s loops over key blocks.
 def _flash_fwd(cfg, q, k, v, data, seeds):
   out, lse = higher_order.differentiated_as(
       functools.partial(_differentiable_forward, cfg),

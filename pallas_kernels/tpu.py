@@ -929,7 +929,7 @@ def _differentiable_backward(st: _Static, q, k, v, data, out, lse, d_out,
 
 
 # The rules run the kernels; their own derivatives (second derivatives of
-# the attention) are those of `higher_order.attention`.
+# the attention) are those of `higher_order`'s loops over key blocks.
 def _flash_fwd(st, q, k, v, data):
   out, lse = higher_order.differentiated_as(
       functools.partial(_differentiable_forward, st),
