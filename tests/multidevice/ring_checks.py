@@ -31,6 +31,7 @@ import jaxmha
 import pallas_kernels
 from pallas_kernels import blockwise
 from pallas_kernels import gpu_triton
+from tests.conformance import second_derivatives
 from tests.multidevice.harness import check, main
 from tests.tolerances import FORWARD, GRAD, assert_close
 
@@ -170,20 +171,9 @@ def ring_second_derivatives():
     return pallas_kernels.reference.attention(
         q, k, v, causal=c.causal, segment_ids=ids, return_lse=True)
 
-  def second_derivatives(fn):
-    def loss(q, k, v):
-      out, lse = fn(q, k, v)
-      lse = jnp.where(lse > pallas_kernels.EMPTY_ROW_LSE / 2, lse, 0.0)
-      return jnp.sum(jnp.sin(out)) + jnp.sum(jnp.cos(lse))
-
-    grad = jax.grad(loss, (0, 1, 2))
-    penalty = lambda q, k, v: sum(jnp.sum(g**2) for g in grad(q, k, v))
-    return jax.jit(lambda q, k, v: (
-        jax.grad(penalty, (0, 1, 2))(q, k, v),
-        jax.jvp(grad, (q, k, v), tangents)[1]))(q, k, v)
-
-  got = second_derivatives(_ring_on_whole_sequences(c, ids))
-  want = second_derivatives(reference)
+  got = second_derivatives(_ring_on_whole_sequences(c, ids), q, k, v,
+                           tangents)
+  want = second_derivatives(reference, q, k, v, tangents)
   for kind, g, r in zip(("grad of grad", "jvp of grad"), got, want):
     for name, x, y in zip(("q", "k", "v"), g, r):
       assert_close(x, y, GRAD, c.dtype, err_msg=f"{kind}: d{name}")
