@@ -49,13 +49,35 @@ def differentiated_as(differentiable: Callable, fast: Callable) -> Callable:
     of them; integer and boolean leaves get no tangent). Its tangents are
     cast to the dtypes of ``fast``'s outputs.
 
+  Inside a ``lax.scan``, JAX's reverse mode partially evaluates the loop's
+  body to hoist what does not change between steps, and that inlines a
+  ``jax.custom_jvp`` function whose arguments vary, dropping its rule. So
+  ``fast`` is itself a ``jax.custom_vjp`` function whose backward is
+  ``differentiable``'s: a second reverse pass (``jax.grad`` of ``jax.grad``)
+  still finds it there, but a forward one (``jax.jvp`` of ``jax.grad``)
+  cannot differentiate it in a scan.
+
   >>> fast = lambda x: jnp.round(x * 8) / 8  # values without derivatives
   >>> f = differentiated_as(lambda x: x, fast)
   >>> x = jnp.float32(0.3)
   >>> float(f(x)), float(jax.grad(f)(x)), float(jax.grad(jax.grad(f))(x))
   (0.25, 1.0, 0.0)
   """
-  wrapped = jax.custom_jvp(fast)
+  values = jax.custom_vjp(fast)
+
+  def values_fwd(*args):
+    # Copies: residuals that are the arguments themselves are looked up by
+    # position, and after the partial evaluation above the positions are
+    # off by the constants it hoisted (JAX 0.10).
+    return fast(*args), jax.tree.map(lambda x: jnp.array(x, copy=True), args)
+
+  def values_bwd(args, cotangents):
+    out, pullback = jax.vjp(differentiable, *args)
+    return pullback(jax.tree.map(lambda c, x: c.astype(x.dtype), cotangents,
+                                 out))
+
+  values.defvjp(values_fwd, values_bwd)
+  wrapped = jax.custom_jvp(values)
 
   @wrapped.defjvp
   def jvp(primals, tangents):

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 
@@ -146,19 +147,37 @@ def smooth_loss(out, lse=None):
   return loss
 
 
-def second_derivatives(attention, q, k, v, tangents):
-  """``(grad of grad, jvp of grad)`` in ``q, k, v``, under one jit.
+def in_scan(attention):
+  """``attention(q, k, v) -> (out, lse)`` as two layers of a ``lax.scan``
+  (as Flax's ``nn.scan`` runs a stack of layers), ``-> (out, lse)`` of the
+  second. Each layer scales its queries by its own weight and adds the mean
+  of its output to them, so every layer's inputs depend on the loop's
+  carry and inputs."""
+  def layers(q, k, v):
+    def layer(q, weight):
+      out, lse = attention(q * weight, k, v)
+      return q + jnp.mean(out, axis=-1, keepdims=True), (out, lse)
+    _, (out, lse) = lax.scan(layer, q, jnp.array([1.0, 0.5]))
+    return out[-1], None if lse is None else lse[-1]
+  return layers
 
-  With ``grad`` the gradient of :func:`smooth_loss` of ``attention(q, k, v)
-  -> (out, lse)`` (``lse`` may be None): the gradient of the penalty
-  ``sum(grad**2)``, and the Hessian-vector product with ``tangents``.
+
+def second_derivatives(attention, q, k, v, tangents=None):
+  """``{kind: (d/dq, d/dk, d/dv)}``, each under one jit.
+
+  With ``grad`` the gradient in ``q, k, v`` of :func:`smooth_loss` of
+  ``attention(q, k, v) -> (out, lse)`` (``lse`` may be None): ``"grad of
+  grad"``, the gradient of the penalty ``sum(grad**2)``, and with
+  ``tangents``, ``"jvp of grad"``, the Hessian-vector product.
   """
   grad = jax.grad(lambda q, k, v: smooth_loss(*attention(q, k, v)),
                   (0, 1, 2))
   penalty = lambda q, k, v: sum(jnp.sum(g**2) for g in grad(q, k, v))
-  return jax.jit(lambda q, k, v: (
-      jax.grad(penalty, (0, 1, 2))(q, k, v),
-      jax.jvp(grad, (q, k, v), tangents)[1]))(q, k, v)
+  kinds = {"grad of grad": jax.jit(jax.grad(penalty, (0, 1, 2)))(q, k, v)}
+  if tangents is not None:
+    kinds["jvp of grad"] = jax.jit(
+        lambda q, k, v: jax.jvp(grad, (q, k, v), tangents)[1])(q, k, v)
+  return kinds
 
 
 class AttentionConformance:
@@ -260,16 +279,38 @@ class AttentionConformance:
     tangents = tuple(jax.random.normal(key, x.shape) for key, x in
                      zip(jax.random.split(jax.random.key(8), 3), (q, k, v)))
 
-    def with_lse(fn):
-      if self.SUPPORTS_LSE:
-        return lambda q, k, v: fn(q, k, v, return_lse=True, **kw)
-      return lambda q, k, v: (fn(q, k, v, **kw), None)
+    self._assert_second_derivatives_close(
+        second_derivatives(self._out_and_lse(self.attention, kw), q, k, v,
+                           tangents),
+        second_derivatives(self._out_and_lse(reference_attention, kw), q, k,
+                           v, tangents))
 
-    got = second_derivatives(with_lse(self.attention), q, k, v, tangents)
-    want = second_derivatives(with_lse(reference_attention), q, k, v,
-                              tangents)
-    for kind, g, r in zip(("grad of grad", "jvp of grad"), got, want):
-      for name, x, y in zip(("q", "k", "v"), g, r):
+  def test_second_derivatives_inside_scan(self):
+    """``jax.grad`` of ``jax.grad`` with the attention in a ``lax.scan``
+    over layers (Flax's ``nn.scan``).
+
+    There, ``jax.jvp`` of ``jax.grad`` fails on the ``jax.custom_vjp``
+    paths (``pallas_kernels.higher_order.differentiated_as``)."""
+    q, k, v, kw = make_inputs(
+        Case(self.SECOND_ORDER_SHAPE, "all", dropout=0.25), seed=5)
+
+    self._assert_second_derivatives_close(
+        second_derivatives(in_scan(self._out_and_lse(self.attention, kw)),
+                           q, k, v),
+        second_derivatives(in_scan(self._out_and_lse(reference_attention,
+                                                     kw)), q, k, v))
+
+  def _out_and_lse(self, attention, kw):
+    """``attention`` with ``kw`` as ``(q, k, v) -> (out, lse)``; ``lse`` is
+    None where the path returns none."""
+    if self.SUPPORTS_LSE:
+      return lambda q, k, v: attention(q, k, v, return_lse=True, **kw)
+    return lambda q, k, v: (attention(q, k, v, **kw), None)
+
+  def _assert_second_derivatives_close(self, got, want):
+    assert got.keys() == want.keys()
+    for kind in got:
+      for name, x, y in zip(("q", "k", "v"), got[kind], want[kind]):
         assert bool(jnp.all(jnp.isfinite(x))), (kind, name)
         assert_close(x, y, GRAD, "float32", f"{kind}, d{name}")
 

@@ -632,6 +632,48 @@ def test_reverse_over_reverse_on_the_blockwise_path():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * scale)
 
 
+def test_second_derivatives_of_layers_under_nn_scan():
+  """In a stack of layers under Flax's ``nn.scan``, ``jax.grad`` of
+  ``jax.grad`` runs on the default (blockwise) path and equals the fused
+  path's. ``jax.jvp`` of ``jax.grad`` there needs the fused path, and the
+  default path says so with JAX's forward-mode error."""
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+      y = jaxmha.linen.MultiHeadAttention(num_heads=2, key_dim=8)(
+          x, x, use_causal_mask=True)
+      return x + y, None
+
+  x = jax.random.normal(jax.random.key(0), (2, 160, 16))
+
+  def programs():
+    """``(gradient of a gradient penalty, Hessian-vector product in x)``,
+    jitted, traced afresh: the path is picked when they trace."""
+    stack = nn.scan(Block, variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=2)()
+    grad_x = jax.grad(lambda params, x: jnp.sum(jnp.sin(
+        stack.apply(params, x, None)[0])), 1)
+    penalty = lambda params: jnp.sum(grad_x(params, x) ** 2)
+    hvp = lambda params: jax.jvp(lambda x: grad_x(params, x), (x,), (x,))[1]
+    return (stack.init(jax.random.key(1), x, None), jax.jit(jax.grad(penalty)),
+            jax.jit(hvp))
+
+  assert jaxmha.explain(jaxmha.MHAConfig(num_heads=2, key_dim=8), x, x,
+                        use_causal_mask=True).path == "xla_blockwise"
+  params, grad_penalty, hvp = programs()
+  got = grad_penalty(params)
+  with pytest.raises(TypeError, match="forward-mode"):
+    hvp(params)
+  with jaxmha.dispatch.use_path("xla"):
+    params, grad_penalty, hvp = programs()
+    want = grad_penalty(params)
+    assert bool(jnp.all(jnp.isfinite(hvp(params))))
+  scale = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * scale)
+
+
 # -- property test against an independent implementation ------------------------
 
 
