@@ -213,6 +213,25 @@ class MaskSpec:
       ok = (k_hi - 1 >= q_lo - self.left) & ok
     return ok
 
+  def every_row_attends(self, T: int, S: int, q_offset=0,
+                        kv_offset=0) -> bool:
+    """Does every query row of a ``(T, S)`` block at these positions hold
+    an allowed key (``S >= 1``)? False where an offset is not a Python int.
+
+    >>> MaskSpec.causal().every_row_attends(8, 4)
+    True
+    >>> MaskSpec.sliding_window(2).every_row_attends(8, 4)  # rows 5 to 7
+    False
+    """
+    if not all(isinstance(x, (int, np.integer))
+               for x in (T, S, q_offset, kv_offset)):
+      return False
+    # The first row sees the first key, and the last row the last key: then
+    # every row's band meets the block's keys.
+    return (self.right is None or kv_offset <= q_offset + self.right) and (
+        self.left is None
+        or q_offset + T - 1 - self.left <= kv_offset + S - 1)
+
   def block_fully_allowed(self, q_lo, q_hi, k_lo, k_hi):
     """Is every pair of the block allowed (so no mask need be applied)?"""
     ok = True

@@ -86,18 +86,22 @@ def attention_core(q, k, v, prep: common.Prepared, *, q_offset=0,
   # (T, S): fewer divisions, and XLA:CPU no longer fuses the softmax and
   # both products into one YNNPACK call, which is slow: the core's forward
   # took 0.68-0.75 of the time at B=64, T=128 and B=256, T=64 this way.
+  # The product stays in the scores' (B, N, T) order until the rows are
+  # normalised; produced as (B, T, N), it made XLA:CPU transpose the output
+  # projection's kernel on every call.
   if G == 1:
-    out = jnp.einsum("bnts,bsnh->btnh", weights, v.astype(jnp.float32),
+    out = jnp.einsum("bnts,bsnh->bnth", weights, v.astype(jnp.float32),
                      precision=precision)
   else:
-    out = jnp.einsum("bkgts,bskh->btkgh", weights.reshape(B, K, G, T, p_.S),
+    out = jnp.einsum("bkgts,bskh->bkgth", weights.reshape(B, K, G, T, p_.S),
                      v.astype(jnp.float32), precision=precision)
-  out = out.reshape(B, T, N, p_.Hv)
-  norm = jnp.swapaxes(l * (1.0 - prep.dropout_rate), 1, 2)  # (B, T, N, 1)
-  # `where`, not a product with 0: an empty row's product with v may hold
-  # NaN (garbage in masked keys' values).
-  out = jnp.where(jnp.swapaxes(nonempty, 1, 2), out / norm,
-                  0.0).astype(q.dtype)
+  out = out.reshape(B, N, T, p_.Hv) / (l * (1.0 - prep.dropout_rate))
+  if not (prep.data.is_empty
+          and prep.spec.every_row_attends(T, p_.S, q_offset, kv_offset)):
+    # `where`, not a product with 0: an empty row's product with v may hold
+    # NaN (garbage in masked keys' values).
+    out = jnp.where(nonempty, out, 0.0)
+  out = jnp.swapaxes(out, 1, 2).astype(q.dtype)  # (B, T, N, Hv)
   if return_probs:
     return out, lse, jnp.where(nonempty, unnormalized / l, 0.0)
   return out, lse

@@ -2,12 +2,16 @@
 run on the reference itself (its self-consistency: gradients finite, empty
 rows zero, dropout bits)."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.shapes import AttentionShape
+from pallas_kernels import common
 from pallas_kernels import dropout as dropout_lib
+from pallas_kernels import masks as masks_lib
 from pallas_kernels import reference
 from tests.conformance import AttentionConformance, Case, make_inputs
 
@@ -159,3 +163,30 @@ def test_three_dim_mask_is_per_example():
     np.testing.assert_allclose(
         got[1], reference.attention(q[1:], q[1:], q[1:], causal=True)[0],
         rtol=1e-6, atol=1e-6)
+
+
+def test_every_row_attends_matches_the_dense_band():
+  """``MaskSpec.every_row_attends``, which lets the fused path skip the
+  empty-row ``where``, against the band evaluated at every position."""
+  specs = [masks_lib.MaskSpec(left, right) for left in (None, 0, 1, 3)
+           for right in (None, 0, 2)]
+  for spec, T, S, q_offset, kv_offset in itertools.product(
+      specs, (1, 2, 5), (1, 3, 6), (0, 2, 7), (0, 1, 4, 9)):
+    allowed = spec.allows(q_offset + np.arange(T)[:, None],
+                          kv_offset + np.arange(S)[None, :])
+    want = bool(np.all(np.any(np.broadcast_to(allowed, (T, S)), axis=1)))
+    assert spec.every_row_attends(T, S, q_offset, kv_offset) == want, (
+        spec, T, S, q_offset, kv_offset)
+  assert not masks_lib.MaskSpec().every_row_attends(4, 4, jnp.int32(0))
+
+
+def test_a_block_of_rows_with_no_key_is_zero_despite_nan_values():
+  """A causal block whose keys all follow its queries (a ring step) and
+  values that hold NaN: the rows attend nothing, and their output is zero."""
+  q, k, v, _ = make_inputs(Case(AttentionShape(B=1, T=4, S=4, N=2, K=2,
+                                               H=8)), seed=2)
+  v = v.at[:, 1].set(jnp.nan)
+  prep = common.prepare(q, k, v, causal=True)
+  out, lse = reference.attention_core(q, k, v, prep, q_offset=0, kv_offset=4)
+  assert bool(jnp.all(out == 0.0))
+  assert bool(jnp.all(lse == masks_lib.EMPTY_ROW_LSE))
