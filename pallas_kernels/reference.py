@@ -96,14 +96,16 @@ def attention_core(q, k, v, prep: common.Prepared, *, q_offset=0,
     out = jnp.einsum("bkgts,bskh->bkgth", weights.reshape(B, K, G, T, p_.S),
                      v.astype(jnp.float32), precision=precision)
   out = out.reshape(B, N, T, p_.Hv) / (l * (1.0 - prep.dropout_rate))
-  if not (prep.data.is_empty
-          and prep.spec.every_row_attends(T, p_.S, q_offset, kv_offset)):
+  may_be_empty = not (prep.data.is_empty and prep.spec.every_row_attends(
+      T, p_.S, q_offset, kv_offset))
+  if may_be_empty:
     # `where`, not a product with 0: an empty row's product with v may hold
     # NaN (garbage in masked keys' values).
     out = jnp.where(nonempty, out, 0.0)
   out = jnp.swapaxes(out, 1, 2).astype(q.dtype)  # (B, T, N, Hv)
   if return_probs:
-    return out, lse, jnp.where(nonempty, unnormalized / l, 0.0)
+    probs = unnormalized / l
+    return out, lse, jnp.where(nonempty, probs, 0.0) if may_be_empty else probs
   return out, lse
 
 
