@@ -98,7 +98,7 @@ from jax.experimental import checkify
 
 from jaxmha import equations
 from jaxmha import functional
-from jaxmha.config import MHAConfig
+from jaxmha.config import MHAConfig, is_int
 from pallas_kernels import common as kernel_common
 from pallas_kernels import masks as kernel_masks
 
@@ -195,8 +195,7 @@ def init_cache(cfg: MHAConfig, batch_size: int, max_length: int,
   dtype = functional.float_dtype("dtype", dtype)
   debug_checks = functional.static_flag("debug_checks", debug_checks)
   for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-    if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-        or value <= 0):
+    if not is_int(value) or value <= 0:
       raise ValueError(f"`{name}` must be a positive integer. Received: "
                        f"{name}={value!r}")
   B, L = int(batch_size), int(max_length)
@@ -408,7 +407,7 @@ def cached_attention(q, k, v, *, q_positions, kv_lengths, causal: bool = True,
     raise ValueError(f"N % K must be 0; got {N=} and {K=}.")
   if chunk_size is None:
     chunk_size = default_chunk_size()
-  if not isinstance(chunk_size, int) or chunk_size <= 0:
+  if not is_int(chunk_size) or chunk_size <= 0:
     raise ValueError(f"`chunk_size` must be a positive int; got "
                      f"{chunk_size=}.")
   scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
@@ -421,7 +420,7 @@ def cached_attention(q, k, v, *, q_positions, kv_lengths, causal: bool = True,
     mask = _normalize_mask(mask, B, N, K, t, L)  # (#B, t, #K, #G, L)
   return _attend(q, k, v, q_positions, kv_lengths, q_valid, mask,
                  causal=bool(causal), sliding_window=sliding_window,
-                 scale=scale, chunk_size=chunk_size)
+                 scale=scale, chunk_size=int(chunk_size))
 
 
 # Jitted so that eager calls compile once per shape, not per loop trip count.

@@ -66,6 +66,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import pallas_kernels
+from jaxmha.config import is_int
 from pallas_kernels import api as kernel_api
 from pallas_kernels import common
 from pallas_kernels import higher_order
@@ -90,8 +91,7 @@ def _zigzag_order(num_shards: int) -> np.ndarray:
 
 
 def _check_zigzag(x, num_shards, axis) -> tuple[int, int]:
-  if (not isinstance(num_shards, (int, np.integer))
-      or isinstance(num_shards, bool) or num_shards <= 0):
+  if not is_int(num_shards) or num_shards <= 0:
     raise ValueError(f"`num_shards` must be a positive int; got "
                      f"num_shards={num_shards!r}.")
   if not -x.ndim <= axis < x.ndim:

@@ -391,3 +391,20 @@ def test_unsupported_arguments_with_a_cache_are_clear_errors():
   with pytest.raises(TypeError, match=r"its \.config"):
     jaxmha.init_cache(jaxmha.MultiHeadAttention(num_heads=2, key_dim=4),
                       batch_size=1, max_length=8)
+
+
+def test_sizes_take_numpy_ints_and_refuse_bools():
+  cache = jaxmha.init_cache(CONFIGS["mha"], batch_size=np.int64(3),
+                            max_length=np.int32(11))
+  assert cache.k.shape[:2] == (3, 11)
+  with pytest.raises(ValueError, match="`batch_size` must be a positive"):
+    jaxmha.init_cache(CONFIGS["mha"], batch_size=True, max_length=11)
+  q = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 2, 4)),
+                  jnp.float32)
+  kw = dict(q_positions=jnp.array([[3, 4]]), kv_lengths=jnp.array([5]))
+  k = jnp.concatenate([q, q, q[:, :1]], axis=1)  # (1, 5, 2, 4)
+  want, _ = decode.cached_attention(q, k, k, chunk_size=2, **kw)
+  got, _ = decode.cached_attention(q, k, k, chunk_size=np.int64(2), **kw)
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match="`chunk_size` must be a positive"):
+    decode.cached_attention(q, k, k, chunk_size=True, **kw)
