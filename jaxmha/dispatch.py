@@ -40,14 +40,33 @@ from pallas_kernels import api as kernel_api
 from pallas_kernels import common
 from pallas_kernels import reference
 
-# The blockwise path is the CPU default when max(T, S) reaches this length.
-# Measured on a 2-core CPU (fp32, N=8, H=64, D=512, B=1 and 4, layer, fwd and
-# fwd+bwd, full and causal; `python -m benchmarks.compare`,
-# benchmarks/results/compare.md): at T=256 the blockwise layer ran 1.17x to
-# 1.51x Keras against the fused path's 0.74x to 1.21x; at T=128, 0.96x to
-# 1.20x against 0.88x to 1.27x, the two within noise of each other. Below it
-# the fused path is kept, being the simpler program.
+# The blockwise path is the CPU default when max(T, S) reaches this length,
+# with a causal mask or a window. Measured on a 2-core CPU (fp32, N=8, H=64,
+# D=512, B=1 and 4, layer, fwd and fwd+bwd, full and causal; `python -m
+# benchmarks.compare`, benchmarks/results/compare.md): at T=256 the
+# blockwise layer ran 1.17x to 1.51x Keras against the fused path's 0.74x to
+# 1.21x; at T=128, 0.96x to 1.20x against 0.88x to 1.27x, the two within
+# noise of each other. Below it the fused path is kept, being the simpler
+# program.
 BLOCKWISE_MIN_LENGTH = 128
+# Without a band (causal, window) the blockwise path has no block to skip,
+# and once the fused path kept the attention-value product in the scores'
+# order, it ran the layer faster below 256 positions (AMD EPYC, 2 cores, the
+# same shapes and B=16, interleaved medians, fused over blockwise time): at
+# T=128 and 192, forward 0.76 to 0.95, forward+backward 0.91 to 1.00; at
+# T=256 forward 0.74 to 0.88 but forward+backward 0.95 to 1.18.
+BLOCKWISE_MIN_LENGTH_FULL = 256
+
+
+def blockwise_min_length(spec) -> int:
+  """The length (``max(T, S)``) from which the blockwise path is the CPU
+  default, for a call with this :class:`pallas_kernels.MaskSpec`.
+
+  >>> from pallas_kernels.masks import MaskSpec
+  >>> blockwise_min_length(MaskSpec.causal()), blockwise_min_length(MaskSpec())
+  (128, 256)
+  """
+  return BLOCKWISE_MIN_LENGTH_FULL if spec.is_full else BLOCKWISE_MIN_LENGTH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +170,13 @@ class BlockwisePath:
           "the blockwise path never materialises")
     common.refuse_symbolic_shapes(q=req.q, k=req.k, v=req.v)
     p = req.prep.problem
-    if forced_path() != self.name and max(p.T, p.S) < BLOCKWISE_MIN_LENGTH:
+    min_length = blockwise_min_length(req.prep.spec)
+    if forced_path() != self.name and max(p.T, p.S) < min_length:
+      band = "" if not req.prep.spec.is_full else (
+          ", with no causal mask or window")
       raise common.UnsupportedCallError(
-          f"short sequences (T={p.T}, S={p.S} < {BLOCKWISE_MIN_LENGTH}) go "
-          "to the fused XLA path")
+          f"short sequences (T={p.T}, S={p.S} < {min_length}{band}) go to "
+          "the fused XLA path")
 
   def run(self, req: Request):
     from pallas_kernels import blockwise  # pylint: disable=g-import-not-at-top

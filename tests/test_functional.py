@@ -494,6 +494,16 @@ def test_explain_names_the_blockwise_path_for_long_sequences():
   assert jaxmha.explain(cfg, x, x).path == "xla_blockwise"
   lists = np.ones((1, 5, 16)).tolist()  # as apply, explain takes lists
   assert jaxmha.explain(cfg, lists, lists).path == "xla"
+  # Without a band, the fused path serves up to 256 positions.
+  x = jax.ShapeDtypeStruct((1, 192, 16), jnp.float32)
+  assert jaxmha.explain(cfg, x, x, use_causal_mask=True).path == (
+      "xla_blockwise")
+  how = jaxmha.explain(cfg, x, x)
+  assert how.path == "xla", how
+  assert "< 256, with no causal mask or window" in how.refusals[
+      "xla_blockwise"], how
+  x = jax.ShapeDtypeStruct((1, 256, 16), jnp.float32)
+  assert jaxmha.explain(cfg, x, x).path == "xla_blockwise"
 
 
 def test_explain_takes_shapes_for_masks_and_apply_refuses_shapes():
