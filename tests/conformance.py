@@ -180,6 +180,17 @@ def second_derivatives(attention, q, k, v, tangents=None):
   return kinds
 
 
+def assert_second_derivatives_close(got, want, dtype="float32", where=""):
+  """:func:`second_derivatives`' results ``got`` are finite and equal
+  ``want``'s within the gradient tolerance for ``dtype``; ``where`` ends
+  the kind's name in messages."""
+  assert got.keys() == want.keys()
+  for kind in got:
+    for name, x, y in zip(("q", "k", "v"), got[kind], want[kind]):
+      assert bool(jnp.all(jnp.isfinite(x))), (kind + where, name)
+      assert_close(x, y, GRAD, dtype, f"{kind}{where}, d{name}")
+
+
 class AttentionConformance:
   """Tests that a path computes the reference's function. Subclass me."""
 
@@ -279,7 +290,7 @@ class AttentionConformance:
     tangents = tuple(jax.random.normal(key, x.shape) for key, x in
                      zip(jax.random.split(jax.random.key(8), 3), (q, k, v)))
 
-    self._assert_second_derivatives_close(
+    assert_second_derivatives_close(
         second_derivatives(self._out_and_lse(self.attention, kw), q, k, v,
                            tangents),
         second_derivatives(self._out_and_lse(reference_attention, kw), q, k,
@@ -294,7 +305,7 @@ class AttentionConformance:
     q, k, v, kw = make_inputs(
         Case(self.SECOND_ORDER_SHAPE, "all", dropout=0.25), seed=5)
 
-    self._assert_second_derivatives_close(
+    assert_second_derivatives_close(
         second_derivatives(in_scan(self._out_and_lse(self.attention, kw)),
                            q, k, v),
         second_derivatives(in_scan(self._out_and_lse(reference_attention,
@@ -306,13 +317,6 @@ class AttentionConformance:
     if self.SUPPORTS_LSE:
       return lambda q, k, v: attention(q, k, v, return_lse=True, **kw)
     return lambda q, k, v: (attention(q, k, v, **kw), None)
-
-  def _assert_second_derivatives_close(self, got, want):
-    assert got.keys() == want.keys()
-    for kind in got:
-      for name, x, y in zip(("q", "k", "v"), got[kind], want[kind]):
-        assert bool(jnp.all(jnp.isfinite(x))), (kind, name)
-        assert_close(x, y, GRAD, "float32", f"{kind}, d{name}")
 
   # -- the empty-row rule ----------------------------------------------------
 

@@ -635,11 +635,7 @@ def test_reverse_over_reverse_on_the_blockwise_path():
   got = second()
   with jaxmha.dispatch.use_path("xla"):
     want = second()
-  # The key bias's gradient is zero but for rounding (softmax ignores a
-  # shift shared by a row): compare on the scale of the whole gradient.
-  scale = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * scale)
+  _assert_gradients_close(got, want)
 
 
 def test_second_derivatives_of_layers_under_nn_scan():
@@ -679,6 +675,13 @@ def test_second_derivatives_of_layers_under_nn_scan():
     params, grad_penalty, hvp = programs()
     want = grad_penalty(params)
     assert bool(jnp.all(jnp.isfinite(hvp(params))))
+  _assert_gradients_close(got, want)
+
+
+def _assert_gradients_close(got, want):
+  """Parameter gradients, leaf by leaf, on the scale of the whole gradient:
+  the key bias's is zero but for rounding (softmax ignores a shift shared by
+  a row)."""
   scale = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * scale)

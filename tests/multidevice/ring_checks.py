@@ -31,7 +31,8 @@ import jaxmha
 import pallas_kernels
 from pallas_kernels import blockwise
 from pallas_kernels import gpu_triton
-from tests.conformance import in_scan, second_derivatives
+from tests.conformance import (assert_second_derivatives_close, in_scan,
+                               second_derivatives)
 from tests.multidevice.harness import check, main
 from tests.tolerances import FORWARD, GRAD, assert_close
 
@@ -173,15 +174,13 @@ def ring_second_derivatives():
         q, k, v, causal=c.causal, segment_ids=ids, return_lse=True)
 
   ring = _ring_on_whole_sequences(c, ids)
-  for where, got, want in (
-      ("", second_derivatives(ring, q, k, v, tangents),
-       second_derivatives(reference, q, k, v, tangents)),
-      # jax.jvp of jax.grad fails in a scan (higher_order.differentiated_as)
-      (" in a scan", second_derivatives(in_scan(ring), q, k, v),
-       second_derivatives(in_scan(reference), q, k, v))):
-    for kind in want:
-      for name, x, y in zip(("q", "k", "v"), got[kind], want[kind]):
-        assert_close(x, y, GRAD, c.dtype, err_msg=f"{kind}{where}: d{name}")
+  assert_second_derivatives_close(
+      second_derivatives(ring, q, k, v, tangents),
+      second_derivatives(reference, q, k, v, tangents), c.dtype)
+  # jax.jvp of jax.grad fails in a scan (higher_order.differentiated_as).
+  assert_second_derivatives_close(
+      second_derivatives(in_scan(ring), q, k, v),
+      second_derivatives(in_scan(reference), q, k, v), c.dtype, " in a scan")
 
 
 DEFAULT_CASES = (
