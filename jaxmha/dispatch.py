@@ -172,8 +172,7 @@ class BlockwisePath:
     p = req.prep.problem
     min_length = blockwise_min_length(req.prep.spec)
     if forced_path() != self.name and max(p.T, p.S) < min_length:
-      band = "" if not req.prep.spec.is_full else (
-          ", with no causal mask or window")
+      band = ", with no causal mask or window" if req.prep.spec.is_full else ""
       raise common.UnsupportedCallError(
           f"short sequences (T={p.T}, S={p.S} < {min_length}{band}) go to "
           "the fused XLA path")
