@@ -186,9 +186,42 @@ def _check_params(params, cfg: MHAConfig, query, value, key) -> None:
          for name, sub in params.items()}
   if got != expected:
     raise ValueError(
-        "`params` do not fit this configuration and these inputs: expected "
-        f"shapes {expected} for query.shape={query.shape}, "
-        f"value.shape={value.shape}, key.shape={key.shape}; got {got}.")
+        "`params` do not fit this configuration and these inputs "
+        f"(query.shape={query.shape}, value.shape={value.shape}, "
+        f"key.shape={key.shape}): "
+        + "; ".join(_param_differences(got, expected)) + ".")
+
+
+def _param_differences(got: dict, expected: dict) -> list[str]:
+  """What differs between two ``{name: {leaf: shape}}`` trees, one phrase
+  per entry: ``params['query']['kernel'] has shape (8, 2, 4), expected (6,
+  2, 4)``, or an entry missing or not expected."""
+  differences = []
+  for name in list(expected) + [n for n in got if n not in expected]:
+    if name not in got:
+      differences.append(f"params[{name!r}] is missing (expected "
+                         f"{expected[name]})")
+      continue
+    if name not in expected:
+      differences.append(f"params[{name!r}] is not expected by this "
+                         "configuration")
+      continue
+    sub, want = got[name], expected[name]
+    if not isinstance(sub, dict):
+      differences.append(f"params[{name!r}] must be a dict like "
+                         f"{want}; got an array of shape {sub}")
+      continue
+    for leaf in list(want) + [l for l in sub if l not in want]:
+      where = f"params[{name!r}][{leaf!r}]"
+      if leaf not in sub:
+        differences.append(f"{where} is missing (expected shape {want[leaf]})")
+      elif leaf not in want:
+        differences.append(f"{where} is not expected by this configuration"
+                           + (" (use_bias=False)" if leaf == "bias" else ""))
+      elif sub[leaf] != want[leaf]:
+        differences.append(f"{where} has shape {sub[leaf]}, expected "
+                           f"{want[leaf]}")
+  return differences
 
 
 def _dense(x, params: dict, equation: str):

@@ -402,6 +402,20 @@ def test_call_errors_name_the_argument_and_shapes():
   for extra in (jnp.ones(3), {"kernel": jnp.ones(3)}):
     with pytest.raises(ValueError, match="'extra'"):
       jaxmha.apply(dict(params, extra=extra), cfg, q, v)
+  # Each entry that differs is named with its shape and the one expected.
+  with pytest.raises(ValueError, match=(
+      r"params\['query'\]\['kernel'\] has shape \(16, 2, 8\), expected "
+      r"\(12, 2, 8\); params\['attention_output'\]\['kernel'\] has shape "
+      r"\(2, 8, 16\), expected \(2, 8, 12\)")):
+    jaxmha.apply(params, cfg, q[..., :12], v)
+  with pytest.raises(ValueError, match=(
+      r"params\['key'\]\['bias'\] is not expected by this configuration "
+      r"\(use_bias=False\)")):
+    jaxmha.apply(params, cfg.replace(use_bias=False), q, v)
+  with pytest.raises(ValueError, match=(
+      r"params\['value'\]\['bias'\] is missing \(expected shape \(2, 8\)\)")):
+    jaxmha.apply(dict(params, value={"kernel": params["value"]["kernel"]}),
+                 cfg, q, v)
   with pytest.raises(ValueError, match="attention_axes"):
     jaxmha.apply(params, cfg.replace(attention_axes=(2,)), q, v)
 
