@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxmha import functional
@@ -190,8 +191,10 @@ class MultiHeadAttention(nn.Module):
                                           self.bias_constraint)
 
   def _params(self, cfg, query, value, key) -> dict:
-    shapes = functional.param_shapes(cfg, query.shape, value.shape,
-                                     key.shape)
+    # apply takes nested lists too (and refuses a ShapeDtypeStruct by name).
+    shape = lambda x: x.shape if hasattr(x, "shape") else np.shape(x)
+    shapes = functional.param_shapes(cfg, shape(query), shape(value),
+                                     shape(key))
     kernel_init = initializers.get(cfg.kernel_initializer)
     bias_init = initializers.get(cfg.bias_initializer)
     kreg = regularizers.get_regularizer(self.kernel_regularizer)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxmha import config
 from jaxmha import functional
 from jaxmha import regularizers
 from jaxmha.config import MHAConfig
@@ -143,9 +144,11 @@ class MultiHeadAttention(nnx.Module):
     for name, value in (("query_features", query_features),
                         ("value_features", value_features),
                         ("key_features", key_features)):
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      if not config.is_int(value) or value <= 0:
         raise ValueError(f"`{name}` must be a positive int. Received: "
                          f"{name}={value!r}")
+    query_features, value_features, key_features = (
+        int(query_features), int(value_features), int(key_features))
     lead = (1,) * (cfg.min_input_rank - 1)
     params = functional.init_params(
         rngs.params(), cfg, lead + (query_features,),

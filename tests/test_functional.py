@@ -182,6 +182,13 @@ def test_linen_module_equals_functional():
                                  return_attention_scores=True)
   np.testing.assert_array_equal(out, f_out)
   np.testing.assert_array_equal(scores, f_scores)
+  # Nested lists and NumPy arrays, as apply takes them; shapes are refused.
+  q_list, v_list = np.asarray(q).tolist(), np.asarray(v).tolist()
+  np.testing.assert_array_equal(
+      layer.apply(layer.init(jax.random.key(2), q_list, v_list), q_list,
+                  v_list), layer.apply(variables, q, v))
+  with pytest.raises(TypeError, match="Only jaxmha.explain takes shapes"):
+    layer.init(jax.random.key(2), jax.ShapeDtypeStruct(q.shape, q.dtype), v)
 
 
 def test_linen_dropout_rng_stream_and_missing_key():

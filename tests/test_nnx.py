@@ -287,6 +287,13 @@ def test_cache_argument_returns_output_and_cache():
 
 
 def test_errors_name_the_argument():
+  # NumPy ints are sizes, as in MHAConfig; bools are not.
+  layer = MultiHeadAttention(num_heads=2, key_dim=4,
+                             query_features=np.int64(8), rngs=nnx.Rngs(0))
+  assert type(layer.query_features) is int and layer.key_features == 8
+  with pytest.raises(ValueError, match="value_features=True"):
+    MultiHeadAttention(num_heads=2, key_dim=4, query_features=8,
+                       value_features=True, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="query_features=0"):
     MultiHeadAttention(num_heads=2, key_dim=4, query_features=0,
                        rngs=nnx.Rngs(0))
