@@ -78,9 +78,12 @@ chunks of ``chunk_size`` keys; each chunk gives a partial ``(out, lse)``
 and partials are merged by log-sum-exp, so memory is one chunk's
 ``(B, t, N, chunk)`` logits, and only the chunks holding allowed keys are
 visited: cost is linear in the cached length, not the capacity. K/V heads
-are never repeated for grouped-query attention. It is a forward-only path
-(the chunk loop has data-dependent bounds, which reverse-mode autodiff does
-not support); train with the full path.
+are never repeated for grouped-query attention. It is an inference path:
+the chunk loop has data-dependent bounds, which reverse-mode autodiff does
+not transpose (``jax.grad`` of a cached call fails with JAX's
+"Reverse-mode differentiation does not work for lax.while_loop or
+lax.fori_loop with dynamic start/stop values"; ``jax.jvp`` works). Train
+with the full path.
 """
 
 from __future__ import annotations

@@ -285,5 +285,31 @@ def choose(req: Request) -> tuple[object, Explanation]:
 def attend(req: Request):
   """Runs the chosen path: ``(out (B, T, N, Hv), probs or None, name)``."""
   path, explanation = choose(req)
-  out, probs = path.run(req)
+  try:
+    out, probs = path.run(req)
+  except TypeError as e:
+    if _JVP_OF_CUSTOM_VJP not in str(e):
+      raise
+    raise _forward_mode_refusal(path.name, req) from e
   return out, probs, explanation.path
+
+
+# JAX's TypeError when forward mode meets a `jax.custom_vjp` function.
+_JVP_OF_CUSTOM_VJP = "forward-mode autodiff (jvp) to a custom_vjp"
+
+
+def _forward_mode_refusal(name: str, req: Request) -> TypeError:
+  """The error for ``jax.jvp`` or ``jax.jacfwd`` through path ``name``, a
+  ``jax.custom_vjp`` function: which path, and what serves the call."""
+  p = req.prep.problem
+  reverse = "use reverse mode (jax.grad, jax.vjp, jax.jacrev)"
+  instead = reverse.capitalize()
+  if name != ring.RING_PATH.name:
+    instead = ("For forward mode, trace the call inside `with jaxmha."
+               "dispatch.use_path(\"xla\"):` (the fused XLA path, which holds "
+               f"the (B, N, T, S) scores), or {reverse}")
+  return TypeError(
+      f"jax.jvp and jax.jacfwd cannot differentiate the {name!r} attention "
+      f"path that this call takes (B={p.B}, T={p.T}, S={p.S}, N={p.N}; "
+      "jaxmha.explain says why): it is a jax.custom_vjp function, which JAX "
+      f"differentiates in reverse mode only. {instead}.")

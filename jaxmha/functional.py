@@ -422,7 +422,10 @@ def apply(params: Params, cfg: MHAConfig, query, value, key=None, *,
     cache: a :class:`jaxmha.decode.KVCache` (from :func:`jaxmha.init_cache`)
       for causal decoding: ``query``/``value`` are the ``t`` new tokens,
       written at each example's length and attended with everything cached
-      (see :mod:`jaxmha.decode` for masks and the full-cache rule).
+      (see :mod:`jaxmha.decode` for masks and the full-cache rule). An
+      inference path: ``jax.grad`` of a cached call fails with JAX's
+      "Reverse-mode differentiation does not work for lax.while_loop"
+      (its loop skips the chunks that hold no keys); train without it.
     new_lengths: with ``cache``, ``(B,)`` int, how many of the ``t`` new
       tokens are real per example (ragged prefill); default all.
 

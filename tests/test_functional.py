@@ -607,8 +607,8 @@ def test_apply_with_projections_takes_apply_defaults():
 
 
 def test_forward_mode_autodiff_on_the_fused_path():
-  """The README's rule: jvp of the custom_vjp blockwise path fails and
-  ``use_path("xla")`` gives it at any length; forward over reverse works on
+  """The README's rule: jvp of the custom_vjp blockwise path fails, with an
+  error that says so, and ``use_path("xla")`` gives it at any length; forward over reverse works on
   the blockwise path."""
   cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8), B=1,
                              T=160, S=160)
@@ -616,8 +616,17 @@ def test_forward_mode_autodiff_on_the_fused_path():
   t = jax.random.normal(jax.random.key(9), q.shape)
   # Each transform under its own jit: the path is picked when it traces.
   jvp = lambda f: jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))
-  with pytest.raises(TypeError, match="custom_vjp"):
-    jvp(f)(q, t)  # blockwise from 128 positions
+  # Blockwise from 128 positions. Called eagerly, JAX raises its error
+  # while jaxmha traces, which names the path and the way out, for jvp and
+  # jacfwd alike; under jit, when it lowers the program.
+  refusal = (r"cannot differentiate the 'xla_blockwise' attention path .*"
+             r"T=160, S=160.*use_path\(\"xla\"\)")
+  with pytest.raises(TypeError, match=refusal):
+    jax.jvp(f, (q,), (t,))
+  with pytest.raises(TypeError, match=refusal):
+    jax.jacfwd(lambda x: f(x)[0, -1, 0])(q)
+  with pytest.raises(TypeError, match="forward-mode autodiff"):
+    jvp(f)(q, t)
   with jaxmha.dispatch.use_path("xla"):
     out, tangent = jvp(f)(q, t)
   np.testing.assert_allclose(out, jax.jit(f)(q), rtol=1e-5, atol=1e-5)
