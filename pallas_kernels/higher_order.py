@@ -137,10 +137,11 @@ def _key_blocks(k, v, prep: common.Prepared, block_k: int):
       mask=None if data.mask is None else blocks(data.mask, 3))
 
 
-def _block_logits(q, xs, prep: common.Prepared, bk: int):
+def _block_logits(q, xs, prep: common.Prepared, bk: int, q0: int):
   """The ``(B, N, T, bk)`` masked logits of prescaled, grouped ``q (B, T, K,
-  G, H)`` against one key block of :func:`_key_blocks`, whether each entry
-  is allowed, and its dropout keep mask (None without dropout)."""
+  G, H)``, the rows of :func:`_row_prep` from position ``q0``, against one
+  key block of :func:`_key_blocks`, whether each entry is allowed, and its
+  dropout keep mask (None without dropout)."""
   p_ = prep.problem
   B, N, T = p_.B, p_.N, p_.T
   start = xs["start"]
@@ -151,14 +152,62 @@ def _block_logits(q, xs, prep: common.Prepared, bk: int):
       data, kv_segment_ids=xs["kv_segment_ids"], mask=xs["mask"],
       kv_lengths=(None if data.kv_lengths is None
                   else data.kv_lengths - start))
-  allowed = masks_lib.dense_mask(prep.spec, block_data, B, N, T, bk, 0,
+  allowed = masks_lib.dense_mask(prep.spec, block_data, B, N, T, bk, q0,
                                  start)
   allowed = allowed & (start + jnp.arange(bk) < p_.S)  # not padding
   keep = None
   if prep.dropout_rate > 0.0:
     keep = dropout_lib.keep_mask_block(prep.seeds, prep.dropout_rate, B, N,
-                                       T, bk, 0, start)
+                                       T, bk, q0, start)
   return jnp.where(allowed, logits, masks_lib.MASK_VALUE), allowed, keep
+
+
+# Under a band (causal, window), the rows are cut into at most this many
+# blocks, each visiting only the key blocks its band reaches.
+_MAX_ROW_BLOCKS = 16
+
+
+def _row_blocks(prep: common.Prepared, bk: int):
+  """``[(q0, q1, lo, hi)]``: blocks of rows ``[q0, q1)``, each with the
+  half-open range ``[lo, hi)`` of the key blocks of ``bk`` keys that its
+  band may attend. One block of every row and key without a band."""
+  T, S = prep.problem.T, prep.problem.S
+  nk = -(-S // bk)
+  if prep.spec.is_full:
+    return [(0, T, 0, nk)]
+  bq = max(bk, -(-T // _MAX_ROW_BLOCKS))
+  blocks = []
+  for q0 in range(0, T, bq):
+    q1 = min(T, q0 + bq)
+    lo, hi = prep.spec.kv_block_range(q0, q1, S, bk)
+    lo, hi = min(lo, nk), min(hi, nk)  # past the last key: rows that
+    blocks.append((q0, q1, lo, max(lo, hi)))  # attend nothing
+  return blocks
+
+
+def _row_prep(prep: common.Prepared, q0: int, q1: int) -> common.Prepared:
+  """``prep`` for rows ``[q0, q1)``: its size and per-row mask data cut to
+  them (the dense mask is cut in the key blocks' ``xs``)."""
+  if (q0, q1) == (0, prep.problem.T):
+    return prep
+  data = prep.data
+  cut = lambda x: None if x is None else x[:, q0:q1]
+  return dataclasses.replace(
+      prep, problem=dataclasses.replace(prep.problem, T=q1 - q0),
+      data=dataclasses.replace(
+          data, q_segment_ids=cut(data.q_segment_ids), mask=None,
+          q_lengths=(None if data.q_lengths is None
+                     else data.q_lengths - q0)))
+
+
+def _row_xs(per_block: dict, q0: int, q1: int, lo: int, hi: int) -> dict:
+  """The key blocks ``[lo, hi)`` of :func:`_key_blocks`, their dense mask
+  cut to rows ``[q0, q1)``."""
+  xs = {name: None if x is None else x[lo:hi]
+        for name, x in per_block.items()}
+  if xs["mask"] is not None:  # (blocks, #B, #N, T, bk)
+    xs["mask"] = xs["mask"][:, :, :, q0:q1]
+  return xs
 
 
 def _grouped(x, prep: common.Prepared):
@@ -172,10 +221,13 @@ def attention(q, k, v, prep: common.Prepared, *, block_k: int = KEY_BLOCK):
   """:func:`reference.attention_core`'s ``(out, lse)``, computed over
   blocks of keys with an online softmax that JAX differentiates again.
 
-  The loop is a ``lax.scan`` with a static trip count (no block is
-  skipped) and a ``jax.checkpoint``-ed body, so every derivative of it, in
-  either mode and of any order, holds ``(B, N, T, block_k)`` scores at a
-  time rather than ``(B, N, T, S)``.
+  The loop is a ``lax.scan`` with a static trip count and a
+  ``jax.checkpoint``-ed body, so every derivative of it, in either mode and
+  of any order, holds ``(B, N, T, block_k)`` scores at a time rather than
+  ``(B, N, T, S)``. Under a band (causal, window), the rows run in blocks
+  (:func:`_row_blocks`), each its own loop over the key blocks its band
+  reaches; the blocks per-example masks rule out are still computed, as a
+  static trip count needs.
 
   Args:
     q: ``(B, T, N, H)``.
@@ -195,16 +247,30 @@ def attention(q, k, v, prep: common.Prepared, *, block_k: int = KEY_BLOCK):
   >>> bool(jnp.allclose(out, ref, atol=1e-5))
   True
   """
+  bk, per_block = _key_blocks(k, v, prep, block_k)
+  grouped = _grouped(q, prep) * prep.scale
+  # Typed like the inputs inside shard_map (the ring's blocks).
+  anchor = common.anchor(grouped, per_block, prep.data, prep.seeds)
+  outs, lses = zip(*(
+      _attend_rows(grouped[:, q0:q1], _row_xs(per_block, q0, q1, lo, hi),
+                   _row_prep(prep, q0, q1), bk, q0, anchor)
+      for q0, q1, lo, hi in _row_blocks(prep, bk)))
+  out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+  lse = jnp.concatenate(lses, axis=2) if len(lses) > 1 else lses[0]
+  return out.astype(q.dtype), lse
+
+
+def _attend_rows(q, xs, prep: common.Prepared, bk: int, q0: int, anchor):
+  """:func:`attention` of the grouped, prescaled rows ``q (B, T, K, G, H)``
+  of :func:`_row_prep` against key blocks ``xs``: ``(out (B, T, N, Hv)
+  float32, lse (B, N, T))``."""
   p_ = prep.problem
   B, T, N, K, G, Hv = p_.B, p_.T, p_.N, p_.K, p_.groups, p_.Hv
-  bk, per_block = _key_blocks(k, v, prep, block_k)
-  out_dtype = q.dtype
-  q = _grouped(q, prep) * prep.scale
 
   @jax.checkpoint
   def step(carry, xs):
     m, l, acc = carry  # (B, N, T), (B, N, T), (B, T, N, Hv)
-    logits, _, keep = _block_logits(q, xs, prep, bk)
+    logits, _, keep = _block_logits(q, xs, prep, bk, q0)
     # As in the reference, the running max only shifts the exponents.
     m_new = lax.stop_gradient(jnp.maximum(m, jnp.max(logits, axis=-1)))
     unnormalized = jnp.exp(logits - m_new[..., None])
@@ -218,16 +284,14 @@ def attention(q, k, v, prep: common.Prepared, *, block_k: int = KEY_BLOCK):
     acc = acc * jnp.swapaxes(alpha, 1, 2)[..., None] + pv
     return (m_new, l, acc), None
 
-  # Typed like the inputs inside shard_map (the ring's blocks).
-  anchor = common.anchor(q, per_block, prep.data, prep.seeds)
   init = (common.fresh(anchor, (B, N, T), masks_lib.MASK_VALUE),
           common.fresh(anchor, (B, N, T)), common.fresh(anchor, (B, T, N, Hv)))
-  (m, l, acc), _ = lax.scan(step, init, per_block)
+  (m, l, acc), _ = lax.scan(step, init, xs)
   nonempty = masks_lib.attended(m)
   lse = jnp.where(nonempty, m + jnp.log(l), masks_lib.EMPTY_ROW_LSE)
   norm = jnp.swapaxes(l * (1.0 - prep.dropout_rate), 1, 2)[..., None]
   out = jnp.where(jnp.swapaxes(nonempty, 1, 2)[..., None], acc / norm, 0.0)
-  return out.astype(out_dtype), lse
+  return out, lse
 
 
 def grads(q, k, v, prep: common.Prepared, out, lse, d_out, d_lse, *,
@@ -259,18 +323,47 @@ def grads(q, k, v, prep: common.Prepared, out, lse, d_out, d_lse, *,
   True
   """
   p_ = prep.problem
-  B, T, S, K, G = p_.B, p_.T, p_.S, p_.K, p_.groups
+  B, S = p_.B, p_.S
   bk, per_block = _key_blocks(k, v, prep, block_k)
   qs = _grouped(q, prep) * prep.scale
   d_out_g = _grouped(d_out, prep)
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32),
                      out.astype(jnp.float32),
                      precision=lax.Precision.HIGHEST) - d_lse  # (B, N, T)
-  lse = lse.astype(jnp.float32)[..., None]
+  lse = lse.astype(jnp.float32)
+  anchor = common.anchor(qs, per_block, prep.data, prep.seeds, d_out, lse)
+  dqs, dk, dv = [], None, None
+  for q0, q1, lo, hi in _row_blocks(prep, bk):
+    dq_rows, (dk_rows, dv_rows) = _grad_rows(
+        qs[:, q0:q1], d_out_g[:, q0:q1], delta[:, :, q0:q1],
+        lse[:, :, q0:q1], _row_xs(per_block, q0, q1, lo, hi),
+        _row_prep(prep, q0, q1), bk, q0, anchor)
+    dqs.append(dq_rows)
+    # (blocks, B, bk, K, X), placed at the key blocks the rows visit.
+    nk = per_block["k"].shape[0]
+    widths = ((lo, nk - hi),) + ((0, 0),) * (dk_rows.ndim - 1)
+    dk_rows, dv_rows = jnp.pad(dk_rows, widths), jnp.pad(dv_rows, widths)
+    dk = dk_rows if dk is None else dk + dk_rows
+    dv = dv_rows if dv is None else dv + dv_rows
+  dq = jnp.concatenate(dqs, axis=1) if len(dqs) > 1 else dqs[0]
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(
+      (B, -1) + x.shape[3:])[:, :S]
+  return ((dq * prep.scale).reshape(q.shape).astype(q.dtype),
+          unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype))
+
+
+def _grad_rows(qs, d_out_g, delta, lse, xs, prep: common.Prepared, bk: int,
+               q0: int, anchor):
+  """:func:`grads` of the grouped rows of :func:`_row_prep` (``qs``
+  prescaled, ``d_out_g``; ``delta``, ``lse (B, N, T)``) against key blocks
+  ``xs``: ``(dq (B, T, K, G, H) unscaled, (dk, dv) per key block)``."""
+  p_ = prep.problem
+  B, T, K, G = p_.B, p_.T, p_.K, p_.groups
+  lse = lse[..., None]
 
   @jax.checkpoint
   def step(dq, xs):
-    logits, allowed, keep = _block_logits(qs, xs, prep, bk)
+    logits, allowed, keep = _block_logits(qs, xs, prep, bk, q0)
     # Empty rows' lse equals the masked logits: `allowed` zeroes them.
     p = jnp.where(allowed, jnp.exp(logits - lse), 0.0)  # (B, N, T, bk)
     d_p = jnp.einsum("btkgh,bskh->bkgts", d_out_g, xs["v"],
@@ -289,9 +382,4 @@ def grads(q, k, v, prep: common.Prepared, out, lse, d_out, d_lse, *,
                          precision=lax.Precision.HIGHEST)
     return dq, (dk, dv)
 
-  anchor = common.anchor(qs, per_block, prep.data, prep.seeds, d_out, lse)
-  dq, (dk, dv) = lax.scan(step, common.fresh(anchor, qs.shape), per_block)
-  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(
-      (B, -1) + x.shape[3:])[:, :S]
-  return ((dq * prep.scale).reshape(q.shape).astype(q.dtype),
-          unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype))
+  return lax.scan(step, common.fresh(anchor, qs.shape), xs)

@@ -20,14 +20,18 @@ from benchmarks.shapes import AttentionShape
 from pallas_kernels import common
 from pallas_kernels import higher_order
 from pallas_kernels import reference
-from tests.conformance import Case, make_inputs, smooth_loss
+from tests.conformance import Case, assert_second_derivatives_close
+from tests.conformance import make_inputs, second_derivatives, smooth_loss
 from tests.tolerances import FORWARD, GRAD, assert_close
 
 
 @pytest.mark.parametrize("mask,dropout", [
-    ("all", 0.25), ("window_lr", 0.0), ("q_lengths", 0.25), ("none", 0.0)])
+    ("all", 0.25), ("window_lr", 0.0), ("q_lengths", 0.25), ("none", 0.0),
+    ("causal", 0.25), ("causal_window", 0.0), ("dense", 0.0)])
 def test_attention_over_key_blocks_is_the_reference(mask, dropout):
-  # S = 35 in blocks of 8: the last block is padding but for 3 keys.
+  # S = 35 in blocks of 8: the last block is padding but for 3 keys. Under a
+  # band, the 21 rows run in blocks of 8, each over the key blocks it may
+  # attend (rows 16 to 20 of a 6-key window: blocks 1 and 2 of 5).
   shape = AttentionShape(B=2, T=21, S=35, N=4, K=2, H=16, Hv=8)
   q, k, v, kw = make_inputs(Case(shape, mask, dropout=dropout), seed=5)
   prep = common.prepare(q, k, v, **kw)
@@ -47,6 +51,47 @@ def test_attention_over_key_blocks_is_the_reference(mask, dropout):
                   zip(jax.random.split(jax.random.key(6)), (out, lse)))
   got = jax.jit(lambda q, k, v: higher_order.grads(
       q, k, v, prep, out, lse, d_out, d_lse, block_k=8))(q, k, v)
+  want = jax.vjp(dense, q, k, v)[1]((d_out, d_lse))
+  for name, g, w in zip("qkv", got, want):
+    assert_close(g, w, GRAD, "float32", f"grads: d{name}")
+  # Their own derivatives, which the paths' second derivatives take.
+  tangents = tuple(jax.random.normal(key, x.shape) for key, x in
+                   zip(jax.random.split(jax.random.key(7), 3), (q, k, v)))
+  assert_second_derivatives_close(
+      second_derivatives(blocks, q, k, v, tangents),
+      second_derivatives(dense, q, k, v, tangents))
+
+
+def test_bands_visit_only_the_key_blocks_they_reach():
+  """Under a causal mask the rows' blocks skip the key blocks after their
+  last row: about half of the pairs at 16 row blocks."""
+  q = jnp.zeros((1, 4096, 1, 8))
+  count = lambda causal: sum(hi - lo for _, _, lo, hi in higher_order
+                             ._row_blocks(common.prepare(q, q, q,
+                                                         causal=causal), 256))
+  assert count(False) == 16  # one block of every row
+  assert count(True) == 16 * 17 // 2
+
+
+def test_row_blocks_past_every_key_attend_nothing():
+  """A window on T > S leaves rows 10 to 39 without a key: their blocks
+  visit no key block, and the loops still match the reference."""
+  q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
+      jax.random.split(jax.random.key(0), 3),
+      ((2, 40, 2, 8), (2, 8, 1, 8), (2, 8, 1, 4))))
+  prep = common.prepare(q, k, v, causal=True, sliding_window=3,
+                        dropout_rate=0.2, dropout_rng=jax.random.key(3))
+  assert [hi - lo for *_, lo, hi in higher_order._row_blocks(prep, 4)][3:] \
+      == [0] * 7
+  blocks = lambda q, k, v: higher_order.attention(q, k, v, prep, block_k=4)
+  dense = lambda q, k, v: reference.attention_core(q, k, v, prep)
+  for name, got, want in zip(("out", "lse"), blocks(q, k, v),
+                             dense(q, k, v)):
+    assert_close(got, want, FORWARD, "float32", name)
+  out, lse = dense(q, k, v)
+  d_out, d_lse = (jax.random.normal(key, x.shape) for key, x in
+                  zip(jax.random.split(jax.random.key(6)), (out, lse)))
+  got = higher_order.grads(q, k, v, prep, out, lse, d_out, d_lse, block_k=4)
   want = jax.vjp(dense, q, k, v)[1]((d_out, d_lse))
   for name, g, w in zip("qkv", got, want):
     assert_close(g, w, GRAD, "float32", f"grads: d{name}")
