@@ -180,8 +180,9 @@ def _row_blocks(prep: common.Prepared, bk: int):
   for q0 in range(0, T, bq):
     q1 = min(T, q0 + bq)
     lo, hi = prep.spec.kv_block_range(q0, q1, S, bk)
-    lo, hi = min(lo, nk), min(hi, nk)  # past the last key: rows that
-    blocks.append((q0, q1, lo, max(lo, hi)))  # attend nothing
+    # Rows whose band starts past the last key attend nothing: [nk, nk).
+    lo, hi = min(lo, nk), min(hi, nk)
+    blocks.append((q0, q1, lo, max(lo, hi)))
   return blocks
 
 
