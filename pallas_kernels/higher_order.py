@@ -256,9 +256,8 @@ def attention(q, k, v, prep: common.Prepared, *, block_k: int = KEY_BLOCK):
       _attend_rows(grouped[:, q0:q1], _row_xs(per_block, q0, q1, lo, hi),
                    _row_prep(prep, q0, q1), bk, q0, anchor)
       for q0, q1, lo, hi in _row_blocks(prep, bk)))
-  out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-  lse = jnp.concatenate(lses, axis=2) if len(lses) > 1 else lses[0]
-  return out.astype(q.dtype), lse
+  return (jnp.concatenate(outs, axis=1).astype(q.dtype),
+          jnp.concatenate(lses, axis=2))
 
 
 def _attend_rows(q, xs, prep: common.Prepared, bk: int, q0: int, anchor):
@@ -333,7 +332,8 @@ def grads(q, k, v, prep: common.Prepared, out, lse, d_out, d_lse, *,
                      precision=lax.Precision.HIGHEST) - d_lse  # (B, N, T)
   lse = lse.astype(jnp.float32)
   anchor = common.anchor(qs, per_block, prep.data, prep.seeds, d_out, lse)
-  dqs, dk, dv = [], None, None
+  nk = per_block["k"].shape[0]
+  dqs, dks, dvs = [], [], []
   for q0, q1, lo, hi in _row_blocks(prep, bk):
     dq_rows, (dk_rows, dv_rows) = _grad_rows(
         qs[:, q0:q1], d_out_g[:, q0:q1], delta[:, :, q0:q1],
@@ -341,12 +341,10 @@ def grads(q, k, v, prep: common.Prepared, out, lse, d_out, d_lse, *,
         _row_prep(prep, q0, q1), bk, q0, anchor)
     dqs.append(dq_rows)
     # (blocks, B, bk, K, X), placed at the key blocks the rows visit.
-    nk = per_block["k"].shape[0]
     widths = ((lo, nk - hi),) + ((0, 0),) * (dk_rows.ndim - 1)
-    dk_rows, dv_rows = jnp.pad(dk_rows, widths), jnp.pad(dv_rows, widths)
-    dk = dk_rows if dk is None else dk + dk_rows
-    dv = dv_rows if dv is None else dv + dv_rows
-  dq = jnp.concatenate(dqs, axis=1) if len(dqs) > 1 else dqs[0]
+    dks.append(jnp.pad(dk_rows, widths))
+    dvs.append(jnp.pad(dv_rows, widths))
+  dq, dk, dv = jnp.concatenate(dqs, axis=1), sum(dks), sum(dvs)
   unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(
       (B, -1) + x.shape[3:])[:, :S]
   return ((dq * prep.scale).reshape(q.shape).astype(q.dtype),
