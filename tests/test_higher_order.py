@@ -35,25 +35,11 @@ def test_attention_over_key_blocks_is_the_reference(mask, dropout):
   shape = AttentionShape(B=2, T=21, S=35, N=4, K=2, H=16, Hv=8)
   q, k, v, kw = make_inputs(Case(shape, mask, dropout=dropout), seed=5)
   prep = common.prepare(q, k, v, **kw)
-  blocks = lambda q, k, v: higher_order.attention(q, k, v, prep, block_k=8)
-  dense = lambda q, k, v: reference.attention_core(q, k, v, prep)
-
+  blocks, dense = _assert_loops_are_the_reference(q, k, v, prep, block_k=8)
   loss = lambda fn: lambda q, k, v: smooth_loss(*fn(q, k, v))
-  for name, got, want in zip(("out", "lse"), jax.jit(blocks)(q, k, v),
-                             dense(q, k, v)):
-    assert_close(got, want, FORWARD, "float32", name)
   grad = lambda fn: jax.jit(jax.grad(loss(fn), (0, 1, 2)))(q, k, v)
   for name, got, want in zip("qkv", grad(blocks), grad(dense)):
     assert_close(got, want, GRAD, "float32", f"d{name}")
-  # The backward over key blocks, from the forward's out and lse.
-  out, lse = dense(q, k, v)
-  d_out, d_lse = (jax.random.normal(key, x.shape) for key, x in
-                  zip(jax.random.split(jax.random.key(6)), (out, lse)))
-  got = jax.jit(lambda q, k, v: higher_order.grads(
-      q, k, v, prep, out, lse, d_out, d_lse, block_k=8))(q, k, v)
-  want = jax.vjp(dense, q, k, v)[1]((d_out, d_lse))
-  for name, g, w in zip("qkv", got, want):
-    assert_close(g, w, GRAD, "float32", f"grads: d{name}")
   # Their own derivatives, which the paths' second derivatives take.
   tangents = tuple(jax.random.normal(key, x.shape) for key, x in
                    zip(jax.random.split(jax.random.key(7), 3), (q, k, v)))
@@ -83,18 +69,29 @@ def test_row_blocks_past_every_key_attend_nothing():
                         dropout_rate=0.2, dropout_rng=jax.random.key(3))
   assert [hi - lo for *_, lo, hi in higher_order._row_blocks(prep, 4)][3:] \
       == [0] * 7
-  blocks = lambda q, k, v: higher_order.attention(q, k, v, prep, block_k=4)
+  _assert_loops_are_the_reference(q, k, v, prep, block_k=4)
+
+
+def _assert_loops_are_the_reference(q, k, v, prep, block_k: int):
+  """:func:`higher_order.attention` and :func:`higher_order.grads` over
+  blocks of ``block_k`` keys equal the reference's values and vjp; returns
+  ``(blocks, dense)``, the two as functions of ``q, k, v``."""
+  blocks = lambda q, k, v: higher_order.attention(q, k, v, prep,
+                                                  block_k=block_k)
   dense = lambda q, k, v: reference.attention_core(q, k, v, prep)
-  for name, got, want in zip(("out", "lse"), blocks(q, k, v),
+  for name, got, want in zip(("out", "lse"), jax.jit(blocks)(q, k, v),
                              dense(q, k, v)):
     assert_close(got, want, FORWARD, "float32", name)
+  # The backward over key blocks, from the forward's out and lse.
   out, lse = dense(q, k, v)
   d_out, d_lse = (jax.random.normal(key, x.shape) for key, x in
                   zip(jax.random.split(jax.random.key(6)), (out, lse)))
-  got = higher_order.grads(q, k, v, prep, out, lse, d_out, d_lse, block_k=4)
+  got = jax.jit(lambda q, k, v: higher_order.grads(
+      q, k, v, prep, out, lse, d_out, d_lse, block_k=block_k))(q, k, v)
   want = jax.vjp(dense, q, k, v)[1]((d_out, d_lse))
   for name, g, w in zip("qkv", got, want):
     assert_close(g, w, GRAD, "float32", f"grads: d{name}")
+  return blocks, dense
 
 
 def _second_derivative_temp_bytes(kind: str, T: int, backend="xla", B=1,
