@@ -24,10 +24,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxmha import config
 from jaxmha import functional
 from jaxmha import regularizers
-from jaxmha.config import MHAConfig
+from jaxmha.config import MHAConfig, is_int
 from pallas_kernels import dropout as dropout_lib
 
 
@@ -144,7 +143,7 @@ class MultiHeadAttention(nnx.Module):
     for name, value in (("query_features", query_features),
                         ("value_features", value_features),
                         ("key_features", key_features)):
-      if not config.is_int(value) or value <= 0:
+      if not is_int(value) or value <= 0:
         raise ValueError(f"`{name}` must be a positive int. Received: "
                          f"{name}={value!r}")
     query_features, value_features, key_features = (

@@ -608,8 +608,8 @@ def test_apply_with_projections_takes_apply_defaults():
 
 def test_forward_mode_autodiff_on_the_fused_path():
   """The README's rule: jvp of the custom_vjp blockwise path fails, with an
-  error that says so, and ``use_path("xla")`` gives it at any length; forward over reverse works on
-  the blockwise path."""
+  error that says so, and ``use_path("xla")`` gives it at any length;
+  forward over reverse works on the blockwise path."""
   cfg, params, q, v = _setup(jaxmha.MHAConfig(num_heads=2, key_dim=8), B=1,
                              T=160, S=160)
   f = lambda x: jaxmha.apply(params, cfg, x, v, use_causal_mask=True)
